@@ -1,0 +1,1 @@
+"""Triton kernels for the ghost products (imported lazily by ops.dispatch)."""

@@ -1,0 +1,182 @@
+"""One entry point per ghost primitive: picks the backend (triton | cpp | torch) and the route
+(Gram vs dense / materialised) by counted flops and bytes, then calls the implementation.
+
+INRUN_BACKEND = auto (default) | torch | triton | cpp. `auto` takes the fastest backend that is
+eligible for the tensors at hand and falls back to the exact PyTorch reference; naming a
+backend that cannot run here is an error that says why.
+INRUN_ROUTE = auto (default) | gram | dense forces the route (tests use it).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import reference as ref
+
+log = logging.getLogger("inrun_kernels.dispatch")
+
+BACKENDS = ("auto", "torch", "triton", "cpp")
+ROUTES = ("auto", "gram", "dense")
+PRIMITIVES = ("dot_gram", "dot_dense", "gram", "norms_sq", "gram_materialised", "norms_sq_materialised")
+
+# backend name -> (availability check returning a reason string or None, {primitive: fn})
+_BACKEND_TABLE: dict[str, tuple[Callable[[tuple[Tensor, ...]], str | None], dict[str, Callable]]] = {
+    "torch": (lambda tensors: None, {
+        "dot_gram": ref.dot_gram, "dot_dense": ref.dot_dense, "gram": ref.gram,
+        "norms_sq": ref.norms_sq, "gram_materialised": ref.gram_materialised,
+        "norms_sq_materialised": ref.norms_sq_materialised,
+    }),
+}
+
+
+def register_backend(name: str, eligible: Callable[[tuple[Tensor, ...]], str | None],
+                     impls: dict[str, Callable]) -> None:
+    """Make a backend available. `eligible(tensors)` returns None when it can run on them,
+    else the reason it cannot; primitives it lacks fall back to the reference."""
+    if name not in BACKENDS or name == "auto":
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS[1:]}")
+    unknown = set(impls) - set(PRIMITIVES)
+    if unknown:
+        raise ValueError(f"backend {name!r} registers unknown primitives {sorted(unknown)}")
+    _BACKEND_TABLE[name] = (eligible, dict(impls))
+
+
+def requested_backend() -> str:
+    name = os.environ.get("INRUN_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"INRUN_BACKEND={name!r} is not a backend; expected one of {BACKENDS}")
+    return name
+
+
+def requested_route() -> str:
+    name = os.environ.get("INRUN_ROUTE", "auto").strip().lower() or "auto"
+    if name not in ROUTES:
+        raise ValueError(f"INRUN_ROUTE={name!r} is not a route; expected one of {ROUTES}")
+    return name
+
+
+def _why_not(name: str, tensors: tuple[Tensor, ...]) -> str | None:
+    if name not in _BACKEND_TABLE:
+        hint = {"triton": "the Triton kernels are not available (triton missing, or not built for this platform)",
+                "cpp": "the C++ CPU extension is not built or failed to load"}.get(name, "it is not registered")
+        return hint
+    return _BACKEND_TABLE[name][0](tensors)
+
+
+def resolve_backend(*tensors: Tensor) -> str:
+    """The backend that will run a primitive on these tensors."""
+    req = requested_backend()
+    if req != "auto":
+        why = _why_not(req, tensors)
+        if why is not None:
+            raise RuntimeError(f"INRUN_BACKEND={req} was requested but cannot run here: {why}")
+        return req
+    for name in ("triton", "cpp"):
+        if _why_not(name, tensors) is None:
+            return name
+    return "torch"
+
+
+def _impl(primitive: str, tensors: tuple[Tensor, ...]) -> Callable:
+    backend = resolve_backend(*tensors)
+    return _BACKEND_TABLE[backend][1].get(primitive) or _BACKEND_TABLE["torch"][1][primitive]
+
+
+# ---- cost model ---------------------------------------------------------------------------
+# Time estimate = flops / F + bytes / BW. Only the ratio F / BW (the machine balance, flops per
+# byte) matters for choosing a route: ~10 on CPUs, ~100 on data-centre GPUs.
+def _balance(t: Tensor) -> float:
+    return 100.0 if t.is_cuda else 10.0
+
+
+def dot_route_costs(N: int, T: int, M: int, S: int, d: int, p: int, per_val: bool,
+                    elem_bytes: int = 4) -> dict[str, tuple[float, float]]:
+    """(flops, bytes) of the train x val dot for each route."""
+    io = (N * T + M * S) * (d + p) * elem_bytes
+    gram_flops = 2.0 * N * T * M * S * (d + p) + 2.0 * N * T * M * S
+    K = M if per_val else 1
+    dense_flops = 2.0 * M * S * p * d + 2.0 * N * T * p * d * K + 2.0 * N * T * p * K
+    dense_bytes = io + (K * p * d + N * T * p) * elem_bytes
+    return {"gram": (gram_flops, float(io)), "dense": (dense_flops, float(dense_bytes))}
+
+
+def self_route_costs(N: int, T: int, d: int, p: int, pairs: float,
+                     elem_bytes: int = 4) -> dict[str, tuple[float, float]]:
+    """(flops, bytes) of Gram/norm products over `pairs` sample pairs for each route."""
+    io = N * T * (d + p) * elem_bytes
+    gram_flops = 2.0 * pairs * T * T * (d + p)
+    mat_flops = 2.0 * N * T * p * d + 2.0 * pairs * p * d
+    return {"gram": (gram_flops, float(io)),
+            "dense": (mat_flops, float(io + N * p * d * elem_bytes))}
+
+
+def _pick(costs: dict[str, tuple[float, float]], balance: float, what: str, route: str | None) -> str:
+    route = route or requested_route()
+    if route == "auto":
+        route = min(costs, key=lambda r: costs[r][0] + balance * costs[r][1])
+        log.debug("%s: route %s (costs %s)", what, route, costs)
+    elif route not in costs:
+        raise ValueError(f"route {route!r} is not one of {sorted(costs)}")
+    return route
+
+
+def _check3(name: str, *ts: Tensor) -> None:
+    for t in ts:
+        if t.dim() != 3:
+            raise ValueError(f"{name}: expected 3-D [samples, tokens, features] tensors, got shape {tuple(t.shape)}")
+
+
+# ---- primitives ---------------------------------------------------------------------------
+def ghost_dot(A: Tensor, B: Tensor, Av: Tensor, Bv: Tensor, *, bias: bool, per_val: bool = False,
+              route: str | None = None, lengths: Tensor | None = None,
+              val_lengths: Tensor | None = None) -> Tensor:
+    """s_i = <g_i, sum_v g_v> ([N]) or per validation sample ([N, M])."""
+    _check3("ghost_dot", A, B, Av, Bv)
+    N, T, d = A.shape
+    M, S, _ = Av.shape
+    p = B.shape[-1]
+    if B.shape[:2] != (N, T) or Av.shape[-1] != d or Bv.shape != (M, S, p):
+        raise ValueError(f"ghost_dot: inconsistent shapes A{tuple(A.shape)} B{tuple(B.shape)} "
+                         f"Av{tuple(Av.shape)} Bv{tuple(Bv.shape)}")
+    costs = dot_route_costs(N, T, M, S, d, p, per_val, A.element_size())
+    chosen = _pick(costs, _balance(A), f"ghost_dot N={N} T={T} M={M} S={S} d={d} p={p}", route)
+    if chosen == "gram":
+        return _impl("dot_gram", (A, B, Av, Bv))(A, B, Av, Bv, bias=bias, per_val=per_val,
+                                                   lengths=lengths, val_lengths=val_lengths)
+    G, gb = ref.val_grad(Av, ref._mask_lengths(Bv, val_lengths), bias=bias, per_val=per_val)
+    return ghost_dot_dense(A, B, G, gb, lengths=lengths)
+
+
+def ghost_dot_dense(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
+                    lengths: Tensor | None = None) -> Tensor:
+    """s_i = sum_t b_it^T V a_it (+ b_it . v_bias); V [p, d] -> [N], V [K, p, d] -> [N, K]."""
+    _check3("ghost_dot_dense", A, B)
+    if V.shape[-2:] != (B.shape[-1], A.shape[-1]):
+        raise ValueError(f"ghost_dot_dense: V{tuple(V.shape)} does not match p={B.shape[-1]}, d={A.shape[-1]}")
+    return _impl("dot_dense", (A, B, V))(A, B, V, v_bias, lengths=lengths)
+
+
+def ghost_gram(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None,
+               lengths: Tensor | None = None) -> Tensor:
+    """Train x train Gram of per-sample gradients [N, N]."""
+    _check3("ghost_gram", A, B)
+    N, T, d = A.shape
+    costs = self_route_costs(N, T, d, B.shape[-1], N * (N + 1) / 2, A.element_size())
+    chosen = _pick(costs, _balance(A), f"ghost_gram N={N} T={T}", route)
+    prim = "gram" if chosen == "gram" else "gram_materialised"
+    return _impl(prim, (A, B))(A, B, bias=bias, lengths=lengths)
+
+
+def ghost_norms_sq(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None,
+                   lengths: Tensor | None = None) -> Tensor:
+    """Squared L2 norms of the per-sample gradients [N]."""
+    _check3("ghost_norms_sq", A, B)
+    N, T, d = A.shape
+    costs = self_route_costs(N, T, d, B.shape[-1], N, A.element_size())
+    chosen = _pick(costs, _balance(A), f"ghost_norms N={N} T={T}", route)
+    prim = "norms_sq" if chosen == "gram" else "norms_sq_materialised"
+    return _impl(prim, (A, B))(A, B, bias=bias, lengths=lengths)
