@@ -1,0 +1,18 @@
+"""inrun_kernels: In-Run Data Shapley from ghost per-sample gradient products.
+
+Layers: kernels (Triton) -> ops (references + dispatch) -> layers (autograd + modules) ->
+patch -> functional -> shapley (engine). See README.md.
+"""
+from .functional import grad_dot, grad_gram, grad_norms
+from .layers import GhostLinear, register
+from .ledger import ValueLedger
+from .ops import temp_budget
+from .patch import BatchCouplingError, UnsupportedModuleError, coverage, patch, unpatch
+from .session import ghost_session
+from .shapley import InRunShapley
+
+__version__ = "0.1.0"
+
+__all__ = ["grad_dot", "grad_gram", "grad_norms", "GhostLinear", "register", "ValueLedger",
+           "temp_budget", "BatchCouplingError", "UnsupportedModuleError", "coverage", "patch",
+           "unpatch", "ghost_session", "InRunShapley"]

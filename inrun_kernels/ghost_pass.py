@@ -1,0 +1,82 @@
+"""One forward and one backward of train+val rows inside a ghost session.
+
+Shared by the functional API and the engine: joins the batches, checks the losses, runs the
+single backward, and keeps the gradients of parameters the ghost layers do not cover right
+(train rows only, via a second backward restricted to them: exact, and only when strict=False
+left such parameters)."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from .batch import batch_size, concat
+from .patch import check_batch_coupling, coverage, is_patched, patch
+from .session import GhostSession, ghost_session
+
+
+def ensure_patched(model: nn.Module, strict: bool = True) -> nn.Module:
+    if not is_patched(model):
+        patch(model, strict=strict)
+    return model
+
+
+def uncovered_params(model: nn.Module) -> list[nn.Parameter]:
+    names = set(coverage(model).uncovered)
+    return [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+
+
+def param_names(model: nn.Module) -> dict[int, str]:
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def check_losses(losses: Any, rows: int) -> Tensor:
+    if not isinstance(losses, Tensor):
+        raise TypeError(f"loss_fn must return a Tensor of per-sample losses, got {type(losses).__name__}")
+    if losses.shape != (rows,):
+        raise ValueError(f"loss_fn must return per-sample losses of shape [{rows}] (train + val rows), "
+                         f"got {tuple(losses.shape)}; do not reduce over the batch")
+    if not losses.requires_grad:
+        raise RuntimeError("the losses do not require grad: no trainable parameter reaches them")
+    return losses
+
+
+def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
+        train_grad: bool, **session_kwargs) -> tuple[GhostSession, Tensor]:
+    """Returns the finished session and the per-sample losses (detached).
+
+    train_grad=True: afterwards every p.grad is as after loss_fn(model, train).mean().backward().
+    train_grad=False: every p.grad is left as it was."""
+    check_batch_coupling(model)
+    n = batch_size(train, "train")
+    m = 0 if val is None else batch_size(val, "val")
+    batch = train if val is None else concat(train, val)
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = None if train_grad else [p.grad for p in params]
+    others = uncovered_params(model)
+    others_saved = [p.grad for p in others]
+    with ghost_session(n, m, grad_scale=1.0 / n if train_grad else None,
+                       names=param_names(model), **session_kwargs) as sess:
+        losses = check_losses(loss_fn(model, batch), n + m)
+        losses.sum().backward(retain_graph=bool(others) and train_grad)
+        sess.finish()
+        sess.closed = True
+    if others:
+        for p, g in zip(others, others_saved):   # drop the validation rows' share
+            p.grad = g
+        if train_grad:
+            torch.autograd.backward(losses[:n].mean(), inputs=others)
+    if saved is not None:
+        for p, g in zip(params, saved):
+            p.grad = g
+    return sess, losses.detach()
+
+
+def check_finite(values: Tensor, what: str, ids: Tensor | None = None) -> None:
+    if torch.isfinite(values).all():
+        return
+    bad_rows = (~torch.isfinite(values.reshape(values.shape[0], -1))).any(1).nonzero().flatten()
+    who = f"ids {ids[bad_rows].tolist()}" if ids is not None else f"training samples {bad_rows.tolist()}"
+    raise FloatingPointError(f"{what}: non-finite per-sample products for {who} "
+                             "(a loss or gradient overflowed); no value was recorded")

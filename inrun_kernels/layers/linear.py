@@ -1,0 +1,76 @@
+"""GhostLinear: nn.Linear whose backward, inside a ghost session, also yields per-sample
+gradient products, and accumulates only the training rows' weight gradient."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import session as _session
+from ..reps import Direct, Outer
+from .registry import GhostModule, register
+
+
+def rows_tokens(t: Tensor, batch_dim: int) -> Tensor:
+    """[..., f] with samples on `batch_dim` -> [samples, tokens, f] (tokens = all other dims)."""
+    if t.dim() < 2:
+        raise ValueError(f"expected a batched input with a sample dimension, got shape {tuple(t.shape)}")
+    if batch_dim != 0:
+        t = t.movedim(batch_dim, 0)
+    return t.reshape(t.shape[0], -1, t.shape[-1])
+
+
+def linear_backward(ctx_session, name: str, x: Tensor, gy: Tensor, weight: nn.Parameter,
+                    bias: nn.Parameter | None, batch_dim: int, need_w: bool, need_b: bool):
+    """Shared by every linear-type layer: hands the session the reps of the weight (and bias)
+    and returns the training rows' (weight, bias) gradients scaled for the mean training loss,
+    or (None, None) when the session leaves .grad alone."""
+    sess = ctx_session
+    if sess.closed:   # a second backward through the same graph (e.g. for uncovered parameters)
+        return None, None
+    A, B = rows_tokens(x, batch_dim), rows_tokens(gy, batch_dim)
+    sess.check_rows(A.shape[0], name)
+    N = sess.n_train
+    gw = gb = None
+    if sess.grad_scale is not None:
+        a_tr, b_tr = A[:N].reshape(-1, A.shape[-1]), B[:N].reshape(-1, B.shape[-1])
+        if need_w:   # the one weight-gradient GEMM of this backward: training rows only
+            gw = torch.mm(b_tr.T, a_tr).mul_(sess.grad_scale).to(weight.dtype)
+        if need_b and bias is not None:
+            gb = b_tr.sum(0).mul_(sess.grad_scale).to(bias.dtype)
+    if sess.can_fuse(weight, bias):
+        sess.add((weight, bias), Outer(A[:N], B[:N], bias=True), Outer(A[N:], B[N:], bias=True))
+    else:
+        sess.add((weight,), Outer(A[:N], B[:N]), Outer(A[N:], B[N:]))
+        if bias is not None:
+            sess.add((bias,), Direct(B[:N].sum(1)), Direct(B[N:].sum(1)))
+    return gw, gb
+
+
+class _GhostLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, sess, name, batch_dim):
+        sess.note_forward(weight, bias)
+        ctx.save_for_backward(x, weight)
+        ctx.sess, ctx.name, ctx.batch_dim, ctx.bias = sess, name, batch_dim, bias
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = gy @ weight.to(gy.dtype) if ctx.needs_input_grad[0] else None
+        gw, gb = linear_backward(ctx.sess, ctx.name, x, gy, weight, ctx.bias, ctx.batch_dim,
+                                 ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return gx, gw, gb, None, None, None
+
+
+@register(nn.Linear)
+class GhostLinear(GhostModule, nn.Linear):
+    """Drop-in nn.Linear. Outside a ghost session it IS nn.Linear (same call, same gradients)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        sess = _session.current()
+        if sess is None:
+            return F.linear(input, self.weight, self.bias)
+        name = getattr(self, "_inrun_name", type(self).__name__)
+        return _GhostLinearFn.apply(input, self.weight, self.bias, sess, name, self.ghost_batch_dim)

@@ -1,0 +1,135 @@
+"""patch / unpatch: swap supported layers for their ghost versions in place.
+
+Parameters stay the same objects under the same names (state_dict keys unchanged), so
+optimizers built before patching keep working. What cannot be covered fails loudly: a module
+with trainable parameters and no rule is an error naming it (strict=False: a warning and a
+coverage report), and a batch-coupling layer (BatchNorm in training mode) is always an error.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from . import layers  # noqa: F401  (registers the built-in rules)
+from .layers.registry import GhostModule, lookup, rule_for
+
+
+class UnsupportedModuleError(TypeError):
+    pass
+
+
+class BatchCouplingError(RuntimeError):
+    pass
+
+
+@dataclass
+class Coverage:
+    covered: list[str] = field(default_factory=list)     # trainable parameter names covered
+    uncovered: list[str] = field(default_factory=list)   # trainable parameter names not covered
+    modules: dict[str, str] = field(default_factory=dict)  # uncovered module name -> type
+
+    @property
+    def complete(self) -> bool:
+        return not self.uncovered
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.covered)} trainable parameters covered, {len(self.uncovered)} not"]
+        lines += [f"  not covered: {n}" for n in self.uncovered]
+        return "\n".join(lines)
+
+
+def check_batch_coupling(model: nn.Module) -> None:
+    """BatchNorm in training mode mixes samples in forward: per-sample values would be wrong."""
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
+            raise BatchCouplingError(
+                f"module '{name or '<root>'}' ({type(mod).__name__}) is in training mode: BatchNorm "
+                "normalises with batch statistics, which couples the samples of a batch, so "
+                "per-sample gradients are not defined. Put it in eval mode (model.apply(freeze_bn)) "
+                "or replace it with GroupNorm/LayerNorm.")
+
+
+def _walk(model: nn.Module):
+    """(name, module, rule) top-down; children of a module whose rule owns them are skipped."""
+    stack = [("", model)]
+    while stack:
+        name, mod = stack.pop()
+        rule = None if isinstance(mod, GhostModule) else lookup(mod)
+        yield name, mod, rule
+        if not _owns_children(mod, rule):
+            kids = [(f"{name}.{k}" if name else k, m) for k, m in mod.named_children()]
+            stack.extend(reversed(kids))
+
+
+def _owns_children(mod: nn.Module, rule) -> bool:
+    return rule.owns_children if rule is not None else bool(getattr(mod, "ghost_owns_children", False))
+
+
+def _plan(model: nn.Module):
+    """The modules to patch and the coverage of trainable parameters (by object: a parameter
+    shared by a covered and an uncovered module is uncovered, since that use would be lost)."""
+    todo, covered, uncovered = [], {}, {}
+    modules: dict[str, str] = {}
+    for name, mod, rule in _walk(model):
+        ghost = rule is not None or isinstance(mod, GhostModule)
+        if rule is not None:
+            todo.append((name, mod, rule))
+        for pname, p in mod.named_parameters(recurse=ghost and _owns_children(mod, rule)):
+            if not p.requires_grad:
+                continue
+            full = f"{name}.{pname}" if name else pname
+            if ghost:
+                covered.setdefault(id(p), full)
+            else:
+                uncovered.setdefault(id(p), full)
+                modules[name or "<root>"] = type(mod).__name__
+    cov = Coverage(covered=[n for k, n in covered.items() if k not in uncovered],
+                   uncovered=list(uncovered.values()), modules=modules)
+    return todo, cov
+
+
+def patch(model: nn.Module, *, strict: bool = True) -> nn.Module:
+    """Swap every supported layer of `model` for its ghost version, in place; returns `model`.
+
+    strict=True: a module with trainable parameters that no rule covers is an error naming it.
+    strict=False: it is left as is with a warning; `coverage(model)` lists what is not covered."""
+    check_batch_coupling(model)
+    todo, cov = _plan(model)
+    if cov.uncovered:
+        detail = ", ".join(f"'{m}' ({t})" for m, t in cov.modules.items())
+        msg = (f"inrun_kernels cannot compute per-sample products for trainable parameters of "
+               f"{detail}: {', '.join(cov.uncovered)}. Register a rule for the module type, freeze "
+               "the parameters (requires_grad=False), or pass strict=False to skip them (their "
+               "contribution is then left out of every value).")
+        if strict:
+            raise UnsupportedModuleError(msg)
+        warnings.warn(msg, stacklevel=2)
+    for name, mod, rule in todo:
+        rule.to_ghost(mod)
+    for name, mod in model.named_modules():
+        if isinstance(mod, GhostModule):
+            mod._inrun_name = name or type(mod).__name__
+    model._inrun_coverage = cov
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Restore the original classes of every patched module; parameters are untouched."""
+    for _, mod in model.named_modules():
+        orig = mod.__dict__.get("_inrun_orig_class")
+        if orig is not None:
+            rule_for(orig).from_ghost(mod)
+        mod.__dict__.pop("_inrun_name", None)
+    model.__dict__.pop("_inrun_coverage", None)
+    return model
+
+
+def is_patched(model: nn.Module) -> bool:
+    return "_inrun_coverage" in model.__dict__
+
+
+def coverage(model: nn.Module) -> Coverage:
+    """What patch() covered; computed afresh for an unpatched model."""
+    return model.__dict__.get("_inrun_coverage") or _plan(model)[1]

@@ -1,0 +1,169 @@
+"""What the current backward must compute, and where the results go.
+
+A GhostSession is opened around one forward+backward of a concatenated batch: the first
+`n_train` rows are training samples, the next `n_val` validation samples. Ghost layers find the
+active session with `current()`; in forward they announce which parameters they use (so a
+parameter shared by several layers is recognised), in backward they hand over per-sample
+gradient reps of their parameters (see reps.py). The session turns them into products and sums
+them, scaled per parameter, into its accumulators. It never sees a per-sample gradient.
+"""
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from . import products
+
+_local = threading.local()
+
+
+def current() -> "GhostSession | None":
+    stack = getattr(_local, "stack", None)
+    return stack[-1] if stack else None
+
+
+class GhostSession:
+    def __init__(self, n_train: int, n_val: int, *, dot: bool = False, per_val: bool = False,
+                 gram: bool = False, norms: bool = False, grad_scale: float | None = None,
+                 dot_scale: dict[nn.Parameter, float] | None = None,
+                 names: dict[int, str] | None = None, per_param: bool = False):
+        if n_train < 1:
+            raise ValueError(f"a ghost session needs at least one training row, got {n_train}")
+        if (dot or per_val) and n_val < 1:
+            raise ValueError("train x val products need at least one validation row")
+        self.n_train, self.n_val = n_train, n_val
+        self.want_dot, self.want_per_val = dot or per_val, per_val
+        self.want_gram, self.want_norms = gram, norms
+        # None: leave .grad alone (functional API). Else the training rows' weight gradient is
+        # accumulated with this factor (1/N for the mean training loss).
+        self.grad_scale = grad_scale
+        self._dot_scale = {id(p): float(s) for p, s in (dot_scale or {}).items()}
+        self._names = names or {}
+        self.per_param = per_param
+        self._expected: dict[int, int] = defaultdict(int)   # uses of each parameter in forward
+        self._seen: dict[int, int] = defaultdict(int)
+        self._stash: dict[int, list] = defaultdict(list)    # reps of shared parameters
+        self._params: dict[int, nn.Parameter] = {}
+        self.dot: Tensor | None = None        # [N] float64
+        self.per_val: Tensor | None = None    # [N, M]
+        self.gram: Tensor | None = None       # [N, N]
+        self.norms_sq: Tensor | None = None   # [N]
+        self.by_param: dict[str, dict[str, Tensor]] = {}
+        self.result_dtype = torch.float32
+        self.closed = False   # set after the ghost backward: later backwards add nothing
+
+    # ---- called by layers ---------------------------------------------------------------
+    @property
+    def n_rows(self) -> int:
+        return self.n_train + self.n_val
+
+    def check_rows(self, rows: int, where: str) -> None:
+        if rows != self.n_rows:
+            raise ValueError(f"{where}: batch dimension has {rows} rows but the session holds "
+                             f"{self.n_train} training + {self.n_val} validation = {self.n_rows} samples; "
+                             "is the batch dimension of this layer's input the first one?")
+
+    def note_forward(self, *params) -> None:
+        for p in params:
+            if p is not None and p.requires_grad:
+                self._expected[id(p)] += 1
+                self._params[id(p)] = p
+                if p.dtype == torch.float64:
+                    self.result_dtype = torch.float64
+
+    def is_shared(self, p: nn.Parameter) -> bool:
+        return self._expected.get(id(p), 0) > 1
+
+    def can_fuse(self, weight: nn.Parameter, bias: nn.Parameter | None) -> bool:
+        """Weight and bias may go through one fused product (bias as +1 on the A-Gram)."""
+        return (bias is not None and bias.requires_grad and not self.per_param
+                and not self.is_shared(weight) and not self.is_shared(bias)
+                and self._dot_scale.get(id(weight), 1.0) == self._dot_scale.get(id(bias), 1.0))
+
+    def add(self, params: tuple, train_rep, val_rep) -> None:
+        """Per-sample gradient reps of `params` (one parameter, or a fused weight+bias pair)."""
+        params = tuple(p for p in params if p is not None and p.requires_grad)
+        if not params:
+            return
+        for p in params:
+            self._seen[id(p)] += 1
+        if len(params) == 1 and self.is_shared(params[0]):
+            key = id(params[0])
+            self._stash[key].append((train_rep, val_rep))
+            if self._seen[key] >= self._expected[key]:
+                self._flush(key)
+            return
+        self._accumulate(params, [(train_rep, val_rep)])
+
+    def finish(self) -> None:
+        """Flush shared parameters whose remaining uses got no gradient (they contribute 0)."""
+        for key in list(self._stash):
+            self._flush(key)
+
+    # ---- internals ----------------------------------------------------------------------
+    def _flush(self, key: int) -> None:
+        uses = self._stash.pop(key, [])
+        if uses:
+            self._accumulate((self._params[key],), uses)
+
+    def _accumulate(self, params: tuple, uses: list) -> None:
+        """Products of the summed per-sample gradient over `uses` (cross terms included)."""
+        scale = self._dot_scale.get(id(params[0]), 1.0)
+        out: dict[str, Tensor] = {}
+        if self.want_dot:
+            pv = self.want_per_val
+            val = sum(products.dot(tr, va, per_val=pv) for tr, _ in uses for _, va in uses)
+            val = val.double() * scale
+            if pv:
+                out["per_val"] = val
+            out["dot"] = val.sum(1) if pv else val
+        if self.want_gram or (self.want_norms and len(uses) > 1):
+            g = 0
+            for a, (tr_a, _) in enumerate(uses):
+                g = g + products.gram(tr_a).double()
+                for tr_b, _ in uses[a + 1:]:
+                    cross = products.gram(tr_a, tr_b).double()
+                    g = g + cross + cross.T
+            if self.want_gram:
+                out["gram"] = g
+            if self.want_norms:
+                out["norms_sq"] = torch.diagonal(g).clone()
+        elif self.want_norms:
+            out["norms_sq"] = products.norms_sq(uses[0][0]).double()
+        for kind, val in out.items():
+            self._add_total(kind, val)
+            if self.per_param:
+                name = self._names.get(id(params[0]), f"param@{id(params[0]):x}")
+                slot = self.by_param.setdefault(name, {})
+                slot[kind] = slot[kind] + val if kind in slot else val
+
+    def _add_total(self, kind: str, val: Tensor) -> None:
+        cur = getattr(self, kind)
+        setattr(self, kind, val if cur is None else cur + val)
+
+    def result(self, kind: str) -> Tensor:
+        """An accumulator in the result dtype; zeros when no layer contributed."""
+        shapes = {"dot": (self.n_train,), "per_val": (self.n_train, self.n_val),
+                  "gram": (self.n_train, self.n_train), "norms_sq": (self.n_train,)}
+        val = getattr(self, kind)
+        if val is None:
+            val = torch.zeros(shapes[kind], dtype=torch.float64)
+        return val.to(self.result_dtype)
+
+
+@contextmanager
+def ghost_session(*args, **kwargs):
+    """Open a GhostSession for the forward+backward inside the block."""
+    sess = GhostSession(*args, **kwargs)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(sess)
+    try:
+        yield sess
+    finally:
+        stack.pop()
