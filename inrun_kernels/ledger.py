@@ -72,9 +72,11 @@ class ValueLedger:
         """Crash-safe: written to a temporary file beside `path`, then renamed over it."""
         d = os.path.dirname(os.path.abspath(path))
         fd, tmp = tempfile.mkstemp(dir=d, prefix=".ledger-")
-        os.close(fd)
         try:
-            torch.save(self.state_dict(), tmp)
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

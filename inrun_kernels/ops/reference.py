@@ -122,7 +122,13 @@ def gram(A: Tensor, B: Tensor, *, bias: bool, lengths: Tensor | None = None) -> 
             blk = ga.reshape(-1, T, ga.shape[1] // T, T).sum((1, 3))
             out[i0:i0 + step, j0:j0 + step] = blk
             out[j0:j0 + step, i0:i0 + step] = blk.T
-    return out
+    return _symmetric(out)
+
+
+def _symmetric(G: Tensor) -> Tensor:
+    """Mirror the upper triangle: a Gram must be exactly symmetric, rounding included."""
+    upper = torch.triu(G, 1)
+    return upper + upper.T + torch.diag_embed(torch.diagonal(G))
 
 
 def norms_sq(A: Tensor, B: Tensor, *, bias: bool, lengths: Tensor | None = None) -> Tensor:
@@ -172,7 +178,7 @@ def gram_materialised(A: Tensor, B: Tensor, *, bias: bool, lengths: Tensor | Non
             blk = gi @ gj.T
             out[i:i + step, j:j + step] = blk
             out[j:j + step, i:i + step] = blk.T
-    return out
+    return _symmetric(out)
 
 
 def norms_sq_materialised(A: Tensor, B: Tensor, *, bias: bool, lengths: Tensor | None = None) -> Tensor:
