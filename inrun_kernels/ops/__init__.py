@@ -1,8 +1,14 @@
 """Ghost primitives: exact PyTorch references and the dispatcher that picks a backend."""
+from . import custom  # noqa: F401  torch.library ops "inrun::*" (reference on CPU, Triton on CUDA)
 from . import reference
 from .budget import temp_budget, temp_budget_mb
 from .dispatch import (ghost_dot, ghost_dot_dense, ghost_gram, ghost_norms_sq, register_backend,
                        requested_backend, resolve_backend)
+
+try:  # the Triton backend registers itself; without triton it stays unregistered
+    from . import triton_backend  # noqa: F401
+except ImportError:
+    pass
 
 __all__ = ["reference", "temp_budget", "temp_budget_mb", "ghost_dot", "ghost_dot_dense",
            "ghost_gram", "ghost_norms_sq", "register_backend", "requested_backend", "resolve_backend"]

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared GPU check (H200 or any CUDA GPU): GPU tests of the Triton kernels, then the
+# kernel benchmark. Installs nothing: needs torch (CUDA) and triton already present; the
+# package is used from this checkout via PYTHONPATH (or an existing `pip install -e .`).
+# Results go to $OUT (default ./gpu_out): pytest log, nvidia-smi, bench_kernels.{md,json}.
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=0              # compiled kernels (conftest only sets it when unset)
+export TRITON_DEFAULT_FP_FUSION=1
+QUICK="${1:-}"
+
+{ nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
+    > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')" || exit 1
+
+# 1) tests on the GPU: every kernel test runs on CUDA tensors (single config per shape,
+#    INRUN_AUTOTUNE=0, to keep compile time down); the `gpu`-marked tests (bf16 tensor cores,
+#    large shapes with autotuning on) run too.
+INRUN_AUTOTUNE=0 timeout 420 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
+    2>&1 | tee "$OUT/pytest_gpu.txt"
+test_rc=${PIPESTATUS[0]}
+
+# 2) benchmark with autotuning on.
+INRUN_AUTOTUNE=1 timeout 480 python benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \
+    2>&1 | tee "$OUT/bench_log.txt"
+bench_rc=${PIPESTATUS[0]}
+
+echo "pytest rc=$test_rc bench rc=$bench_rc (results in $OUT)"
+exit $(( test_rc != 0 || bench_rc != 0 ))
