@@ -3,7 +3,9 @@
 Layers: kernels (Triton) -> ops (references + dispatch) -> layers (autograd + modules) ->
 patch -> functional -> shapley (engine). See README.md.
 """
+from . import hf
 from .functional import grad_dot, grad_gram, grad_norms
+from .hf import causal_lm_loss, sequence_classification_loss
 from .layers import GhostLinear, register
 from .ledger import ValueLedger
 from .ops import temp_budget
@@ -15,4 +17,5 @@ __version__ = "0.1.0"
 
 __all__ = ["grad_dot", "grad_gram", "grad_norms", "GhostLinear", "register", "ValueLedger",
            "temp_budget", "BatchCouplingError", "UnsupportedModuleError", "coverage", "patch",
-           "unpatch", "ghost_session", "InRunShapley"]
+           "unpatch", "ghost_session", "InRunShapley", "hf", "causal_lm_loss",
+           "sequence_classification_loss"]

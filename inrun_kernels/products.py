@@ -3,6 +3,9 @@
 Same-type pairs go to the fused primitives in ops (never forming per-sample gradients). Mixed
 pairs, which only arise for parameters shared by layers of different kinds, fall back to
 materialising the per-sample gradients of the smaller side; that is exact, and rare.
+Exception: Rows x Outer / Outer x Rows (an embedding tied to an output head, GPT-2's wte and
+lm_head) have their own rules restricted to the rows of the tokens involved, so no dense
+[V, d] per-sample gradient is ever formed.
 """
 from __future__ import annotations
 
@@ -12,7 +15,10 @@ import torch
 from torch import Tensor
 
 from . import ops
-from .reps import Direct, Outer
+from .ops import reference as ref
+from .ops import rows as rows_ops
+from .ops.budget import temp_budget_elems
+from .reps import Direct, Outer, Rows
 
 _DOT: dict[tuple[type, type], Callable] = {}
 _GRAM: dict[tuple[type, type], Callable] = {}
@@ -45,6 +51,8 @@ def gram(r1, r2=None) -> Tensor:
 def norms_sq(r) -> Tensor:
     if isinstance(r, Outer):
         return ops.ghost_norms_sq(r.A, r.B, bias=r.bias, lengths=r.lengths)
+    if isinstance(r, Rows):
+        return rows_ops.rows_norms_sq(*r.clean(), r.num_rows)
     return r.materialise().square().sum(1)
 
 
@@ -99,3 +107,69 @@ def _gram_outer_pair(r1: Outer, r2: Outer) -> Tensor:
 def _gram_materialised(r1, r2) -> Tensor:
     g1, g2 = r1.materialise(), r2.materialise()
     return g1 @ g2.T
+
+
+# ---- embedding-type rows (Rows): sparse in the vocabulary, never a dense [V, d] per sample ----
+@_rule(_DOT, Rows, Rows)
+def _dot_rows(tr: Rows, va: Rows, per_val: bool) -> Tensor:
+    if tr.num_rows != va.num_rows or tr.B.shape[-1] != va.B.shape[-1]:
+        return _dot_materialised(tr, va, per_val)
+    return rows_ops.rows_dot(*tr.clean(), *va.clean(), per_val=per_val)
+
+
+def _tied_ok(rows: Rows, outer: Outer) -> bool:
+    """An Outer rep of the same [V, d] table (tied weights: output dim = vocabulary)."""
+    return (not outer.bias and outer.B.shape[-1] == rows.num_rows
+            and outer.A.shape[-1] == rows.B.shape[-1])
+
+
+@_rule(_DOT, Rows, Outer)
+def _dot_rows_outer(tr: Rows, va: Outer, per_val: bool) -> Tensor:
+    # Only the rows of the training tokens matter: the Outer side's gradient restricted to them.
+    if not _tied_ok(tr, va):
+        return _dot_materialised(tr, va, per_val)
+    ids, B = tr.clean()
+    uniq = torch.unique(ids[ids >= 0])
+    Bv = ref._mask_lengths(va.B, va.lengths)
+    if not per_val:
+        return rows_ops.lookup(ids, B, uniq, rows_ops.outer_table(va.A, Bv, uniq, per_val=False))[:, 0]
+    step = max(1, temp_budget_elems() // max(1, uniq.numel() * va.A.shape[-1]))
+    return torch.cat([rows_ops.lookup(ids, B, uniq, rows_ops.outer_table(
+        va.A[v0:v0 + step], Bv[v0:v0 + step], uniq, per_val=True)) for v0 in range(0, va.n, step)], 1)
+
+
+@_rule(_DOT, Outer, Rows)
+def _dot_outer_rows(tr: Outer, va: Rows, per_val: bool) -> Tensor:
+    # Dense route restricted to the validation tokens' rows: V = their summed gradient rows.
+    if not _tied_ok(va, tr):
+        return _dot_materialised(tr, va, per_val)
+    ids_v, B_v = va.clean()
+    if not per_val:
+        uniq, table = rows_ops.val_table(ids_v, B_v, per_val=False)
+        return ops.ghost_dot_dense(tr.A, tr.B[..., uniq], table[:, 0], lengths=tr.lengths)
+    step = rows_ops.val_chunk(B_v.shape[1], B_v.shape[2])
+    parts = []
+    for v0 in range(0, va.n, step):
+        uniq, table = rows_ops.val_table(ids_v[v0:v0 + step], B_v[v0:v0 + step], per_val=True)
+        parts.append(ops.ghost_dot_dense(tr.A, tr.B[..., uniq], table.transpose(0, 1), lengths=tr.lengths))
+    return torch.cat(parts, 1)
+
+
+@_rule(_GRAM, Rows, None)
+def _gram_rows_self(r: Rows) -> Tensor:
+    return _dot_rows(r, r, True)
+
+
+@_rule(_GRAM, Rows, Rows)
+def _gram_rows_pair(r1: Rows, r2: Rows) -> Tensor:
+    return _dot_rows(r1, r2, True)
+
+
+@_rule(_GRAM, Rows, Outer)
+def _gram_rows_outer(r1: Rows, r2: Outer) -> Tensor:
+    return _dot_rows_outer(r1, r2, True)
+
+
+@_rule(_GRAM, Outer, Rows)
+def _gram_outer_rows(r1: Outer, r2: Rows) -> Tensor:
+    return _dot_outer_rows(r1, r2, True)

@@ -7,6 +7,8 @@ for the validation rows of each parameter (or fused weight+bias pair) it owns:
   linear-type layers (Linear, Conv1D, attention projections).
 - Direct: the per-sample gradients themselves, [N, *shape]: small parameters (norm weights,
   biases) whose per-sample gradients are as cheap as their rows.
+- Rows: g_i = sum_t outer(e_{ids[i, t]}, B[i, t]), a [num_rows, d] table gradient with nonzero
+  rows only at the sample's token ids: embeddings (products by comparing ids, ops/rows.py).
 
 products.py turns pairs of reps into dot products, Grams and norms. New layer types either
 reuse these reps or add one with its product rules there.
@@ -51,3 +53,46 @@ class Direct:
 
     def materialise(self) -> Tensor:
         return self.G.flatten(1).to(ref.acc_dtype(self.G))
+
+
+@dataclass
+class Rows:
+    """Embedding-type per-sample gradients: g_i = sum_t outer(e_{ids[i, t]}, B[i, t]), a
+    [num_rows, d] matrix with nonzero rows only at the sample's token ids. Tokens whose id is
+    negative (padding_idx, padded positions) contribute nothing."""
+    ids: Tensor                    # [n, T] long row indices (-1: no gradient)
+    B: Tensor                      # [n, T, d] output gradients (per-sample loss scale)
+    num_rows: int                  # rows of the weight (vocabulary size)
+    lengths: Tensor | None = None  # [n] real lengths of right-padded rows, or None
+
+    @property
+    def n(self) -> int:
+        return self.ids.shape[0]
+
+    def clean(self) -> tuple[Tensor, Tensor]:
+        """(ids, B) with every token that carries no gradient set to id -1 and B = 0."""
+        ids, B = self.ids, self.B
+        if self.lengths is not None:
+            keep = torch.arange(ids.shape[1], device=ids.device)[None, :] < self.lengths.to(ids.device)[:, None]
+            ids = torch.where(keep, ids, torch.full_like(ids, -1))
+        B = B * (ids >= 0)[..., None].to(B.dtype)
+        return ids, B
+
+    def materialise(self) -> Tensor:
+        """[n, num_rows * d] per-sample gradients: only for rare fallbacks (forms n dense copies)."""
+        ids, B = self.clean()
+        n, T, d = B.shape
+        dt = ref.acc_dtype(B)
+        g = torch.zeros(n * self.num_rows + 1, d, dtype=dt, device=B.device)
+        rows = torch.where(ids >= 0, ids + self.num_rows * torch.arange(n, device=ids.device)[:, None],
+                           torch.full_like(ids, n * self.num_rows))
+        g.index_add_(0, rows.reshape(-1), B.reshape(-1, d).to(dt))
+        return g[:-1].reshape(n, -1)
+
+    def summed(self) -> Tensor:
+        """Dense [num_rows, d] sum over rows: the rows' total gradient."""
+        ids, B = self.clean()
+        d = B.shape[-1]
+        g = torch.zeros(self.num_rows + 1, d, dtype=ref.acc_dtype(B), device=B.device)
+        g.index_add_(0, torch.where(ids >= 0, ids, self.num_rows).reshape(-1), B.reshape(-1, d).to(g.dtype))
+        return g[:-1]

@@ -1,5 +1,9 @@
 """Ghost layers (autograd + modules) and the registry that maps module types to them."""
 from .linear import GhostLinear
+from .embedding import GhostEmbedding
+from .norm import GhostLayerNorm, GhostRMSNorm
+from . import conv1d  # noqa: F401  (matches transformers' Conv1D by class)
+from .attention import GhostMultiheadAttention
 from .registry import GhostModule, Rule, lookup, register, register_rule, registered_types
 
-__all__ = ["GhostLinear", "GhostModule", "Rule", "lookup", "register", "register_rule", "registered_types"]
+__all__ = ["GhostLinear", "GhostEmbedding", "GhostLayerNorm", "GhostRMSNorm", "GhostMultiheadAttention", "GhostModule", "Rule", "lookup", "register", "register_rule", "registered_types"]

@@ -32,31 +32,53 @@ def register(module_type: type, *, owns_children: bool = False):
     """Decorator for a ghost class G (a subclass of `module_type` that changes only forward):
     patching swaps an instance's class to G, unpatching swaps it back."""
     def deco(ghost_cls):
-        def to_ghost(mod):
-            mod._inrun_orig_class = type(mod)
-            mod.__class__ = ghost_cls
-
-        def from_ghost(mod):
-            mod.__class__ = mod.__dict__.pop("_inrun_orig_class")
-
-        register_rule(Rule(module_type, to_ghost, from_ghost, owns_children))
+        register_rule(class_swap_rule(module_type, ghost_cls, owns_children=owns_children))
         return ghost_cls
     return deco
+
+
+def class_swap_rule(module_type: type, ghost_cls: type, *, owns_children: bool = False) -> Rule:
+    """The rule `register` makes: patching swaps an instance's class to ghost_cls and back."""
+    def to_ghost(mod):
+        mod._inrun_orig_class = type(mod)
+        mod.__class__ = ghost_cls
+
+    def from_ghost(mod):
+        mod.__class__ = mod.__dict__.pop("_inrun_orig_class")
+
+    return Rule(module_type, to_ghost, from_ghost, owns_children)
 
 
 def register_rule(rule: Rule) -> None:
     _RULES[rule.module_type] = rule
 
 
+_MATCHERS: list[Callable[[nn.Module], "Rule | None"]] = []
+
+
+def register_matcher(fn: Callable[[nn.Module], "Rule | None"]) -> Callable:
+    """A rule found by inspecting a module rather than by its type (e.g. third-party classes
+    matched by name without importing their package). `fn(mod)` returns a Rule or None; a Rule
+    it returns is registered for its module_type, so later lookups and unpatch find it."""
+    _MATCHERS.append(fn)
+    return fn
+
+
 def lookup(mod: nn.Module) -> Rule | None:
     """The rule for this module: its exact type, or a registered base class whose forward the
-    module's class does not override (a subclass with its own forward is NOT covered)."""
+    module's class does not override (a subclass with its own forward is NOT covered), or the
+    first matcher that accepts it."""
     cls = type(mod)
     if cls in _RULES:
         return _RULES[cls]
     for base in cls.__mro__[1:]:
         if base in _RULES and getattr(cls, "forward", None) is getattr(base, "forward", None):
             return _RULES[base]
+    for fn in _MATCHERS:
+        rule = fn(mod)
+        if rule is not None:
+            register_rule(rule)
+            return rule
     return None
 
 

@@ -1,0 +1,174 @@
+"""LayerNorm / RMSNorm (torch and Hugging Face RMSNorm-style modules).
+
+Inside a ghost session the layer runs as  y = xhat * weight (+ bias)  where xhat, the
+normalised input, comes from ordinary autograd ops (so the input gradient is PyTorch's own), and
+the affine step is a custom autograd Function. Its backward forms the per-sample gradients
+directly, they are as small as the parameters: weight sum_t gy * xhat, bias sum_t gy (Direct reps),
+and returns only the training rows' parameter gradients.
+
+Hugging Face RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, Qwen2RMSNorm, ...) are matched by
+name without importing transformers: a class named *RMSNorm with one parameter `weight` [d] and
+`variance_epsilon` or `eps`, whose forward is checked once per class on a probe input against
+weight * (x.float() * rsqrt(mean(x^2) + eps)).to(x.dtype). Variants that compute something else
+(Gemma's (1 + weight), other eps placements) fail the probe and stay uncovered (an error naming
+them under strict patching) rather than being silently wrong.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import session as _session
+from ..ops.reference import acc_dtype
+from ..reps import Direct
+from .registry import GhostModule, Rule, class_swap_rule, register, register_matcher
+
+
+def _per_sample(t: Tensor, batch_dim: int, shape: torch.Size) -> Tensor:
+    """[..., *shape] with samples on batch_dim -> [samples, *shape] summed over everything else."""
+    if batch_dim != 0:
+        t = t.movedim(batch_dim, 0)
+    return t.reshape(t.shape[0], -1, *shape).sum(1)
+
+
+class _GhostAffineFn(torch.autograd.Function):
+    """y = xhat * weight (+ bias), weight/bias over the trailing dims of xhat."""
+
+    @staticmethod
+    def forward(ctx, xhat, weight, bias, sess, name, batch_dim):
+        sess.note_forward(weight, bias)
+        ctx.save_for_backward(xhat)
+        ctx.weight, ctx.bias, ctx.sess, ctx.name, ctx.batch_dim = weight, bias, sess, name, batch_dim
+        y = xhat * weight
+        return y + bias if bias is not None else y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (xhat,) = ctx.saved_tensors
+        weight, bias, sess = ctx.weight, ctx.bias, ctx.sess
+        gx = (gy * weight).to(xhat.dtype) if ctx.needs_input_grad[0] else None
+        if sess.closed:
+            return gx, None, None, None, None, None
+        bd = ctx.batch_dim
+        sess.check_rows(xhat.shape[bd], ctx.name)
+        N = sess.n_train
+        dt = acc_dtype(gy, xhat)
+        gw = gb = None
+        if weight.requires_grad:
+            g = _per_sample(gy.to(dt) * xhat.to(dt), bd, weight.shape)
+            if sess.grad_scale is not None and ctx.needs_input_grad[1]:
+                gw = (g[:N].sum(0) * sess.grad_scale).to(weight.dtype)
+            sess.add((weight,), Direct(g[:N]), Direct(g[N:]))
+        if bias is not None and bias.requires_grad:
+            g = _per_sample(gy.to(dt), bd, bias.shape)
+            if sess.grad_scale is not None and ctx.needs_input_grad[2]:
+                gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
+            sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+        return gx, gw, gb, None, None, None
+
+
+def _trainable(*params) -> bool:
+    return any(p is not None and p.requires_grad for p in params)
+
+
+def _affine(mod: nn.Module, sess, xhat: Tensor, weight, bias) -> Tensor:
+    name = getattr(mod, "_inrun_name", type(mod).__name__)
+    return _GhostAffineFn.apply(xhat, weight, bias, sess, name, mod.ghost_batch_dim)
+
+
+@register(nn.LayerNorm)
+class GhostLayerNorm(GhostModule, nn.LayerNorm):
+    """Drop-in nn.LayerNorm. Outside a ghost session it IS nn.LayerNorm."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        sess = _session.current()
+        if sess is None or not _trainable(self.weight, self.bias):
+            return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+        if self.weight is None:   # bias only: not something nn.LayerNorm builds
+            raise NotImplementedError(f"LayerNorm '{getattr(self, '_inrun_name', '')}' has a bias but no weight")
+        xhat = F.layer_norm(input, self.normalized_shape, None, None, self.eps)
+        return _affine(self, sess, xhat, self.weight, self.bias)
+
+
+@register(nn.RMSNorm)
+class GhostRMSNorm(GhostModule, nn.RMSNorm):
+    """Drop-in nn.RMSNorm. Outside a ghost session it IS nn.RMSNorm."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        sess = _session.current()
+        if sess is None or not _trainable(self.weight):
+            return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        xhat = F.rms_norm(x, self.normalized_shape, None, self.eps)
+        return _affine(self, sess, xhat, self.weight, None)
+
+
+# ---- Hugging Face RMSNorm-style modules ------------------------------------------------------
+def _hf_eps(mod: nn.Module) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        eps = getattr(mod, attr, None)
+        if isinstance(eps, (int, float)) and not isinstance(eps, bool):
+            return float(eps)
+    return None
+
+
+def _hf_rms_normalise(x: Tensor, eps: float) -> Tensor:
+    """What LlamaRMSNorm computes before the weight: float32 statistics, cast back."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return h.to(x.dtype)
+
+
+class GhostHFRMSNorm(GhostModule):
+    """Mixin of the ghost subclasses made for matched HF RMSNorm classes (see module doc)."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs) -> Tensor:
+        sess = _session.current()
+        if sess is None or args or kwargs or not _trainable(self.weight):
+            return super().forward(hidden_states, *args, **kwargs)
+        return _affine(self, sess, _hf_rms_normalise(hidden_states, _hf_eps(self)), self.weight, None)
+
+
+_HF_GHOSTS: dict[type, type] = {}
+
+
+def _probe_ok(mod: nn.Module, eps: float) -> bool:
+    """Does the class's own forward compute weight * rmsnorm(x)? Checked at two input scales,
+    the second ~sqrt(eps) so that where eps enters matters."""
+    w = mod.weight
+    tol = {torch.float64: 1e-5, torch.float32: 1e-4}.get(w.dtype, 2e-2)
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad():
+            for scale in (1.0, max(eps, 1e-12) ** 0.5):
+                x = (torch.randn(2, 3, w.shape[0], generator=gen, dtype=torch.float64) * scale)
+                x = x.to(device=w.device, dtype=w.dtype)
+                got = type(mod).forward(mod, x)
+                want = w * _hf_rms_normalise(x, eps)
+                if got.shape != want.shape:
+                    return False
+                err = (got.double() - want.double()).abs().max()
+                if not err <= tol * want.double().abs().max().clamp_min(1e-30):
+                    return False
+    except Exception:   # noqa: BLE001  (any failure: not provably an RMSNorm, leave it uncovered)
+        return False
+    return True
+
+
+@register_matcher
+def _match_hf_rmsnorm(mod: nn.Module) -> Rule | None:
+    cls = type(mod)
+    if isinstance(mod, GhostModule) or not cls.__name__.endswith("RMSNorm"):
+        return None
+    params = dict(mod.named_parameters())
+    w = params.get("weight")
+    eps = _hf_eps(mod)
+    if set(params) != {"weight"} or w.dim() != 1 or eps is None or w.is_meta:
+        return None
+    if not _probe_ok(mod, eps):
+        return None
+    ghost = _HF_GHOSTS.get(cls)
+    if ghost is None:
+        ghost = _HF_GHOSTS[cls] = type(f"Ghost{cls.__name__}", (GhostHFRMSNorm, cls),
+                                       {"__module__": __name__})
+    return class_swap_rule(cls, ghost)
