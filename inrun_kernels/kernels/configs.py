@@ -158,3 +158,14 @@ def lengths_arg(lengths: torch.Tensor | None, n: int, device: torch.device, what
     if lengths.shape != (n,):
         raise ValueError(f"{what} must have shape ({n},), got {tuple(lengths.shape)}")
     return lengths.to(device=device, dtype=torch.int64).contiguous()
+
+
+def launch(kernel, tuned, grid, cfgs, args, flags) -> None:
+    """Run `kernel` with its one config (interpreter / INRUN_AUTOTUNE=0), else the autotuned
+    wrapper `tuned()` picks among `cfgs`. `grid(meta)` maps a config's block sizes to the grid."""
+    if len(cfgs) == 1:
+        cfg = cfgs[0]
+        kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    else:
+        tuned()[grid](*args, **flags)

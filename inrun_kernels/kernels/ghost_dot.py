@@ -169,11 +169,6 @@ def dot_dense(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
     def grid(meta):
         return (triton.cdiv(rows, meta["BT"]), K * splits)
 
-    if single:
-        cfg = cfgs[0]
-        _ghost_dense_rows_kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
-                                                    num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned_kernel()[grid](*args, **flags)
+    C.launch(_ghost_dense_rows_kernel, _tuned_kernel, grid, cfgs, args, flags)
     res = out.sum(0).view(N, T, K).sum(1)
     return res if V.dim() == 3 else res[:, 0]

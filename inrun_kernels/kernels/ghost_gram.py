@@ -191,12 +191,7 @@ def launch_rows(A: Tensor, B: Tensor, Av: Tensor, Bv: Tensor, lengths: Tensor | 
     else:
         def grid(meta):
             return (triton.cdiv(rows, meta["BT"]), grid_groups * splits)
-    if single:
-        cfg = cfgs[0]
-        _ghost_gram_rows_kernel[grid(cfg.kwargs)](*args, **flags, **cfg.kwargs,
-                                                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    else:
-        _tuned_kernel()[grid](*args, **flags)
+    C.launch(_ghost_gram_rows_kernel, _tuned_kernel, grid, cfgs, args, flags)
     return out
 
 
