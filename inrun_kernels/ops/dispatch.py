@@ -81,6 +81,11 @@ def resolve_backend(*tensors: Tensor) -> str:
     return "torch"
 
 
+def _fused(*tensors: Tensor) -> bool:
+    """Whether the backend that will run keeps its temporaries in registers (Triton)."""
+    return resolve_backend(*tensors) == "triton"
+
+
 def _impl(primitive: str, tensors: tuple[Tensor, ...]) -> Callable:
     backend = resolve_backend(*tensors)
     return _BACKEND_TABLE[backend][1].get(primitive) or _BACKEND_TABLE["torch"][1][primitive]
@@ -94,23 +99,27 @@ def _balance(t: Tensor) -> float:
 
 
 def dot_route_costs(N: int, T: int, M: int, S: int, d: int, p: int, per_val: bool,
-                    elem_bytes: int = 4) -> dict[str, tuple[float, float]]:
-    """(flops, bytes) of the train x val dot for each route."""
+                    elem_bytes: int = 4, fused: bool = False) -> dict[str, tuple[float, float]]:
+    """(flops, bytes) of the train x val dot for each route. Unfused (reference) routes also
+    write and re-read their temporaries: the Grams [N*T, M*S], the dense route's [N*T, min(p, d)]
+    projection; a fused kernel keeps them in registers."""
     io = (N * T + M * S) * (d + p) * elem_bytes
-    gram_flops = 2.0 * N * T * M * S * (d + p) + 2.0 * N * T * M * S
     K = M if per_val else 1
-    dense_flops = 2.0 * M * S * p * d + 2.0 * N * T * p * d * K + 2.0 * N * T * p * K
-    dense_bytes = io + (K * p * d + N * T * p) * elem_bytes
-    return {"gram": (gram_flops, float(io)), "dense": (dense_flops, float(dense_bytes))}
+    gram_flops = 2.0 * N * T * M * S * (d + p) + 2.0 * N * T * M * S
+    gram_bytes = io + (0 if fused else 3 * N * T * M * S * elem_bytes)
+    dense_flops = 2.0 * M * S * p * d + 2.0 * N * T * p * d * K + 2.0 * N * T * min(p, d) * K
+    dense_bytes = io + K * p * d * elem_bytes + (0 if fused else 2 * K * N * T * min(p, d) * elem_bytes)
+    return {"gram": (gram_flops, float(gram_bytes)), "dense": (dense_flops, float(dense_bytes))}
 
 
 def self_route_costs(N: int, T: int, d: int, p: int, pairs: float,
-                     elem_bytes: int = 4) -> dict[str, tuple[float, float]]:
+                     elem_bytes: int = 4, fused: bool = False) -> dict[str, tuple[float, float]]:
     """(flops, bytes) of Gram/norm products over `pairs` sample pairs for each route."""
     io = N * T * (d + p) * elem_bytes
     gram_flops = 2.0 * pairs * T * T * (d + p)
+    gram_bytes = io + (0 if fused else 3 * pairs * T * T * elem_bytes)
     mat_flops = 2.0 * N * T * p * d + 2.0 * pairs * p * d
-    return {"gram": (gram_flops, float(io)),
+    return {"gram": (gram_flops, float(gram_bytes)),
             "dense": (mat_flops, float(io + N * p * d * elem_bytes))}
 
 
@@ -142,7 +151,8 @@ def ghost_dot(A: Tensor, B: Tensor, Av: Tensor, Bv: Tensor, *, bias: bool, per_v
     if B.shape[:2] != (N, T) or Av.shape[-1] != d or Bv.shape != (M, S, p):
         raise ValueError(f"ghost_dot: inconsistent shapes A{tuple(A.shape)} B{tuple(B.shape)} "
                          f"Av{tuple(Av.shape)} Bv{tuple(Bv.shape)}")
-    costs = dot_route_costs(N, T, M, S, d, p, per_val, A.element_size())
+    fused = _fused(A, B, Av, Bv)
+    costs = dot_route_costs(N, T, M, S, d, p, per_val, A.element_size(), fused)
     chosen = _pick(costs, _balance(A), f"ghost_dot N={N} T={T} M={M} S={S} d={d} p={p}", route)
     if chosen == "gram":
         return _impl("dot_gram", (A, B, Av, Bv))(A, B, Av, Bv, bias=bias, per_val=per_val,
@@ -165,7 +175,7 @@ def ghost_gram(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None,
     """Train x train Gram of per-sample gradients [N, N]."""
     _check3("ghost_gram", A, B)
     N, T, d = A.shape
-    costs = self_route_costs(N, T, d, B.shape[-1], N * (N + 1) / 2, A.element_size())
+    costs = self_route_costs(N, T, d, B.shape[-1], N * (N + 1) / 2, A.element_size(), _fused(A, B))
     chosen = _pick(costs, _balance(A), f"ghost_gram N={N} T={T}", route)
     prim = "gram" if chosen == "gram" else "gram_materialised"
     return _impl(prim, (A, B))(A, B, bias=bias, lengths=lengths)
@@ -176,7 +186,7 @@ def ghost_norms_sq(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None
     """Squared L2 norms of the per-sample gradients [N]."""
     _check3("ghost_norms_sq", A, B)
     N, T, d = A.shape
-    costs = self_route_costs(N, T, d, B.shape[-1], N, A.element_size())
+    costs = self_route_costs(N, T, d, B.shape[-1], N, A.element_size(), _fused(A, B))
     chosen = _pick(costs, _balance(A), f"ghost_norms N={N} T={T}", route)
     prim = "norms_sq" if chosen == "gram" else "norms_sq_materialised"
     return _impl(prim, (A, B))(A, B, bias=bias, lengths=lengths)

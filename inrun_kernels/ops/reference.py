@@ -83,12 +83,17 @@ def dot_dense(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
     Vs = V.to(dt).reshape(-1, p, d)
     vbs = None if v_bias is None else v_bias.to(dt).reshape(-1, p)
     out = torch.empty(N, Vs.shape[0], dtype=dt, device=A.device)
-    step = _row_chunk(T, p, factor=1)
+    # b^T V a either as (b V) . a or as (a V^T) . b: same flops, but the intermediate is
+    # [T, min(p, d)] wide, 32x less memory traffic for an LM head (p = vocab >> d).
+    step = _row_chunk(T, min(p, d), factor=1)
     for i0 in range(0, N, step):
         a = A[i0:i0 + step].to(dt)
         b = B[i0:i0 + step].to(dt)
         for k in range(Vs.shape[0]):
-            s = ((a @ Vs[k].T) * b).sum((1, 2))
+            if p > d:
+                s = torch.linalg.vecdot(b @ Vs[k], a).sum(1)
+            else:
+                s = torch.linalg.vecdot(a @ Vs[k].T, b).sum(1)
             if vbs is not None:
                 s += b.sum(1) @ vbs[k]
             out[i0:i0 + step, k] = s
