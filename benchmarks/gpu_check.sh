@@ -30,5 +30,20 @@ INRUN_AUTOTUNE=1 timeout 480 python benchmarks/bench_kernels_gpu.py --out "$OUT"
     2>&1 | tee "$OUT/bench_log.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "pytest rc=$test_rc bench rc=$bench_rc (results in $OUT)"
-exit $(( test_rc != 0 || bench_rc != 0 ))
+# 3) step-level benchmark (benchmarks/run.py): GPT-2 small (124M), T=1024, N=16, M in {1,4},
+#    bf16 autocast; plain / plain+val / InRunShapley per eligible backend / authors' engine /
+#    vmap / bs-1 loop, interleaved, 5 rounds; peak memory per method from a fresh subprocess
+#    (torch.cuda.max_memory_allocated). --quick: M=1 only, no memory probes.
+if [ "$QUICK" = "--quick" ]; then
+  STEP_ARGS=(--config n_layer=12,d=768,n_head=12,vocab=50257,T=1024,N=16,M=1,autocast=bf16,device=cuda --no-memory)
+else
+  STEP_ARGS=(--preset gpu)
+fi
+timeout 420 python -m benchmarks.run "${STEP_ARGS[@]}" --out "$OUT/step_gpu.json" \
+    2>&1 | tee "$OUT/step_log.txt"
+step_rc=${PIPESTATUS[0]}
+python -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.md" \
+    2>&1 | tee -a "$OUT/step_log.txt"
+
+echo "pytest rc=$test_rc bench rc=$bench_rc step rc=$step_rc (results in $OUT)"
+exit $(( test_rc != 0 || bench_rc != 0 || step_rc != 0 ))

@@ -6,7 +6,8 @@ import sys
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"demo": "train on digits with flipped labels, report AUROC and overhead"}
+    commands = {"demo": "train on digits with flipped labels, report AUROC and overhead",
+                "report": "render benchmarks/RESULTS.md from benchmark JSON (in a repo checkout)"}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print("usage: python -m inrun_kernels COMMAND [options]\n\ncommands:")
         for name, what in commands.items():
@@ -15,4 +16,15 @@ def main(argv=None) -> int:
     if argv[0] == "demo":
         from . import demo
         demo.main(argv[1:])
+    if argv[0] == "report":   # the benchmarks live in the repository, not in the package
+        import os
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        if os.path.isdir(os.path.join(repo, "benchmarks")) and repo not in sys.path:
+            sys.path.insert(0, repo)
+        try:
+            from benchmarks.report import main as report_main
+        except ImportError:
+            print("report: benchmarks/ not found (run from a repository checkout)", file=sys.stderr)
+            return 2
+        return report_main(argv[1:])
     return 0
