@@ -58,6 +58,8 @@ def norms_sq(r) -> Tensor:
 
 @_rule(_DOT, Outer, Outer)
 def _dot_outer(tr: Outer, va: Outer, per_val: bool) -> Tensor:
+    tr._full("an Outer x Outer product")
+    va._full("an Outer x Outer product")
     if tr.bias != va.bias:
         raise ValueError("train and validation reps disagree on the bias")
     if tr.A.shape[-1] != va.A.shape[-1] or tr.B.shape[-1] != va.B.shape[-1]:
@@ -98,6 +100,8 @@ def _gram_outer_self(r: Outer) -> Tensor:
 @_rule(_GRAM, Outer, Outer)
 def _gram_outer_pair(r1: Outer, r2: Outer) -> Tensor:
     # Cross Gram between two uses of one weight: a train x val dot with r2 as the "validation".
+    r1._full("an Outer x Outer Gram")
+    r2._full("an Outer x Outer Gram")
     if r1.A.shape[-1] != r2.A.shape[-1] or r1.B.shape[-1] != r2.B.shape[-1] or r1.bias != r2.bias:
         return _gram_materialised(r1, r2)
     return ops.ghost_dot(r1.A, r1.B, r2.A, r2.B, bias=r1.bias, per_val=True,
@@ -119,8 +123,8 @@ def _dot_rows(tr: Rows, va: Rows, per_val: bool) -> Tensor:
 
 def _tied_ok(rows: Rows, outer: Outer) -> bool:
     """An Outer rep of the same [V, d] table (tied weights: output dim = vocabulary)."""
-    return (not outer.bias and outer.B.shape[-1] == rows.num_rows
-            and outer.A.shape[-1] == rows.B.shape[-1])
+    width = outer.B.shape[-1] if outer.cols is None else rows.num_rows
+    return not outer.bias and width == rows.num_rows and outer.A.shape[-1] == rows.B.shape[-1]
 
 
 @_rule(_DOT, Rows, Outer)
@@ -130,12 +134,12 @@ def _dot_rows_outer(tr: Rows, va: Outer, per_val: bool) -> Tensor:
         return _dot_materialised(tr, va, per_val)
     ids, B = tr.clean()
     uniq = torch.unique(ids[ids >= 0])
-    Bv = ref._mask_lengths(va.B, va.lengths)
+    Bv = ref._mask_lengths(va.columns(uniq), va.lengths)     # [M, S, U]: only those columns
     if not per_val:
-        return rows_ops.lookup(ids, B, uniq, rows_ops.outer_table(va.A, Bv, uniq, per_val=False))[:, 0]
+        return rows_ops.lookup(ids, B, uniq, rows_ops.outer_table(va.A, Bv, per_val=False))[:, 0]
     step = max(1, temp_budget_elems() // max(1, uniq.numel() * va.A.shape[-1]))
     return torch.cat([rows_ops.lookup(ids, B, uniq, rows_ops.outer_table(
-        va.A[v0:v0 + step], Bv[v0:v0 + step], uniq, per_val=True)) for v0 in range(0, va.n, step)], 1)
+        va.A[v0:v0 + step], Bv[v0:v0 + step], per_val=True)) for v0 in range(0, va.n, step)], 1)
 
 
 @_rule(_DOT, Outer, Rows)
@@ -146,12 +150,12 @@ def _dot_outer_rows(tr: Outer, va: Rows, per_val: bool) -> Tensor:
     ids_v, B_v = va.clean()
     if not per_val:
         uniq, table = rows_ops.val_table(ids_v, B_v, per_val=False)
-        return ops.ghost_dot_dense(tr.A, tr.B[..., uniq], table[:, 0], lengths=tr.lengths)
+        return ops.ghost_dot_dense(tr.A, tr.columns(uniq), table[:, 0], lengths=tr.lengths)
     step = rows_ops.val_chunk(B_v.shape[1], B_v.shape[2])
     parts = []
     for v0 in range(0, va.n, step):
         uniq, table = rows_ops.val_table(ids_v[v0:v0 + step], B_v[v0:v0 + step], per_val=True)
-        parts.append(ops.ghost_dot_dense(tr.A, tr.B[..., uniq], table.transpose(0, 1), lengths=tr.lengths))
+        parts.append(ops.ghost_dot_dense(tr.A, tr.columns(uniq), table.transpose(0, 1), lengths=tr.lengths))
     return torch.cat(parts, 1)
 
 

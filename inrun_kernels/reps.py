@@ -29,6 +29,10 @@ class Outer:
     B: Tensor                      # [n, T, p] output gradients (per-sample loss scale)
     bias: bool = False             # rep also covers a bias (fused: weight and bias in one product)
     lengths: Tensor | None = None  # [n] real lengths of right-padded rows, or None
+    # Sorted weight rows that B's columns hold when only those are kept (None: all p rows).
+    # A weight tied to an embedding keeps, until the embedding's backward, only the columns of
+    # the token ids its cross terms read (GPT-2: a few thousand of 50257): session._compact.
+    cols: Tensor | None = None
 
     @property
     def n(self) -> int:
@@ -36,7 +40,26 @@ class Outer:
 
     def materialise(self) -> Tensor:
         """[n, numel] per-sample gradients: only for rare cross terms (tied weights)."""
+        self._full("materialise")
         return ref.materialise(self.A, self.B, bias=self.bias, lengths=self.lengths)
+
+    def keep_cols(self, rows: Tensor) -> "Outer":
+        """This rep with B restricted to the weight rows `rows` (sorted, unique)."""
+        self._full("keep_cols")
+        return Outer(self.A, self.B[..., rows.to(self.B.device)], self.bias, self.lengths, rows)
+
+    def columns(self, rows: Tensor) -> Tensor:
+        """B's columns for the weight rows `rows` (all of which must be held)."""
+        if self.cols is None:
+            return self.B[..., rows]
+        pos = torch.searchsorted(self.cols, rows).clamp_max(max(0, self.cols.numel() - 1))
+        if self.cols.numel() == 0 or not torch.equal(self.cols[pos], rows):
+            raise RuntimeError("internal: a column-restricted Outer rep was asked for rows it does not hold")
+        return self.B[..., pos]
+
+    def _full(self, what: str) -> None:
+        if self.cols is not None:
+            raise RuntimeError(f"internal: {what} of a column-restricted Outer rep")
 
     def summed(self):
         """Dense sum over rows: (G [p, d], bias part [p] or None) — the rows' total gradient."""

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import products
+from .reps import Outer
 
 _local = threading.local()
 
@@ -47,6 +48,7 @@ class GhostSession:
         self._expected: dict[int, int] = defaultdict(int)   # uses of each parameter in forward
         self._seen: dict[int, int] = defaultdict(int)
         self._stash: dict[int, list] = defaultdict(list)    # reps of shared parameters
+        self._rows_ids: dict[int, list[Tensor]] = defaultdict(list)  # ids of embedding-type uses
         self._params: dict[int, nn.Parameter] = {}
         self.dot: Tensor | None = None        # [N] float64
         self.per_val: Tensor | None = None    # [N, M]
@@ -75,6 +77,12 @@ class GhostSession:
                 if p.dtype == torch.float64:
                     self.result_dtype = torch.float64
 
+    def note_rows(self, weight: nn.Parameter, ids: Tensor) -> None:
+        """An embedding-type use of `weight` reads rows `ids` [rows, T] (in forward): lets an
+        Outer use of the same (tied) weight keep only those columns for the cross terms."""
+        if weight.requires_grad:
+            self._rows_ids[id(weight)].append(ids)
+
     def is_shared(self, p: nn.Parameter) -> bool:
         return self._expected.get(id(p), 0) > 1
 
@@ -91,13 +99,14 @@ class GhostSession:
             return
         for p in params:
             self._seen[id(p)] += 1
+        self._accumulate(params, [(train_rep, val_rep)], [(0, 0)])   # this use's own products
         if len(params) == 1 and self.is_shared(params[0]):
+            # A shared parameter's per-sample gradient is the sum over its uses: the cross terms
+            # between uses wait until the last use has handed over its reps.
             key = id(params[0])
-            self._stash[key].append((train_rep, val_rep))
+            self._stash[key].append(self._compact(key, train_rep, val_rep))
             if self._seen[key] >= self._expected[key]:
                 self._flush(key)
-            return
-        self._accumulate(params, [(train_rep, val_rep)])
 
     def finish(self) -> None:
         """Flush shared parameters whose remaining uses got no gradient (they contribute 0)."""
@@ -105,28 +114,48 @@ class GhostSession:
             self._flush(key)
 
     # ---- internals ----------------------------------------------------------------------
+    def _compact(self, key: int, tr, va):
+        """What the cross terms need of an Outer use whose other uses are all embedding-type:
+        only B's columns at the token ids those uses read (known from their forward). For
+        GPT-2's tied lm_head this frees the [rows, T, vocab] logits gradient right away."""
+        ids = self._rows_ids.get(key, [])
+        if not isinstance(tr, Outer) or len(ids) != self._expected[key] - 1 or not ids:
+            return tr, va
+        n = self.n_train
+        tr_ids = torch.cat([i[:n].reshape(-1) for i in ids])
+        va_ids = torch.cat([i[n:].reshape(-1) for i in ids])
+        # train side: dots read the embedding uses' validation ids, Grams their training ids
+        need_tr = va_ids if self.want_dot else va_ids[:0]
+        if self.want_gram or self.want_norms:
+            need_tr = torch.cat([need_tr, tr_ids])
+        rows = lambda t: torch.unique(t[t >= 0])  # noqa: E731
+        return tr.keep_cols(rows(need_tr)), va.keep_cols(rows(tr_ids if self.want_dot else tr_ids[:0]))
+
     def _flush(self, key: int) -> None:
         uses = self._stash.pop(key, [])
-        if uses:
-            self._accumulate((self._params[key],), uses)
+        if len(uses) > 1:
+            cross = [(a, b) for a in range(len(uses)) for b in range(len(uses)) if a != b]
+            self._accumulate((self._params[key],), uses, cross)
 
-    def _accumulate(self, params: tuple, uses: list) -> None:
-        """Products of the summed per-sample gradient over `uses` (cross terms included)."""
+    def _accumulate(self, params: tuple, uses: list, pairs: list[tuple[int, int]]) -> None:
+        """Products summed over `pairs` (a, b) of uses: <g^a_i, g^b_v> for dots, <g^a_i, g^b_j>
+        for Grams and norms; a use's own products are the pair (a, a)."""
         scale = self._dot_scale.get(id(params[0]), 1.0)
         out: dict[str, Tensor] = {}
         if self.want_dot:
             pv = self.want_per_val
-            val = sum(products.dot(tr, va, per_val=pv) for tr, _ in uses for _, va in uses)
+            val = sum(products.dot(uses[a][0], uses[b][1], per_val=pv) for a, b in pairs)
             val = val.double() * scale
             if pv:
                 out["per_val"] = val
             out["dot"] = val.sum(1) if pv else val
-        if self.want_gram or (self.want_norms and len(uses) > 1):
+        if self.want_gram or (self.want_norms and pairs != [(0, 0)]):
             g = 0
-            for a, (tr_a, _) in enumerate(uses):
-                g = g + products.gram(tr_a).double()
-                for tr_b, _ in uses[a + 1:]:
-                    cross = products.gram(tr_a, tr_b).double()
+            for a, b in pairs:
+                if a == b:
+                    g = g + products.gram(uses[a][0]).double()
+                elif a < b:   # (b, a) is the transpose
+                    cross = products.gram(uses[a][0], uses[b][0]).double()
                     g = g + cross + cross.T
             if self.want_gram:
                 out["gram"] = g

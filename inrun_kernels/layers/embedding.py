@@ -27,6 +27,8 @@ class _GhostEmbeddingFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, ids, weight, sess, name, padding_idx, batch_dim):
         sess.note_forward(weight)
+        rows_first = ids.movedim(batch_dim, 0) if batch_dim else ids
+        sess.note_rows(weight, rows_first.reshape(rows_first.shape[0], -1))
         ctx.save_for_backward(ids)
         ctx.sess, ctx.name, ctx.padding_idx, ctx.batch_dim = sess, name, padding_idx, batch_dim
         ctx.weight = weight   # the Parameter itself: the session keys parameters by identity

@@ -84,13 +84,13 @@ def rows_norms_sq(ids: Tensor, B: Tensor, num_rows: int) -> Tensor:
     return out.index_add_(0, keys // num_rows, rows.square().sum(1))
 
 
-def outer_table(A_v: Tensor, B_v: Tensor, uniq: Tensor, *, per_val: bool) -> Tensor:
-    """Rows `uniq` of the gradients g_v = B_v^T A_v of an Outer side whose output dim indexes
-    the same table (tied weights): [U, K, d], K = M with per_val else 1. B_v is already masked
-    for padding; only its columns `uniq` are read."""
-    dt = acc_dtype(A_v, B_v)
-    Bu = B_v[..., uniq].to(dt)                                   # [M, S, U]
+def outer_table(A_v: Tensor, Bu: Tensor, *, per_val: bool) -> Tensor:
+    """Rows of the gradients g_v = B_v^T A_v of an Outer side whose output dim indexes the same
+    table (tied weights): [U, K, d], K = M with per_val else 1. Bu [M, S, U] holds B_v's columns
+    of those U rows only, already masked for padding."""
+    dt = acc_dtype(A_v, Bu)
+    Bu = Bu.to(dt)
     A = A_v.to(dt)
     if per_val:
         return torch.bmm(Bu.transpose(1, 2), A).transpose(0, 1)  # [U, M, d]
-    return (Bu.reshape(-1, uniq.numel()).T @ A.reshape(-1, A.shape[-1]))[:, None]
+    return (Bu.reshape(-1, Bu.shape[-1]).T @ A.reshape(-1, A.shape[-1]))[:, None]
