@@ -35,7 +35,9 @@ def linear_backward(ctx_session, name: str, x: Tensor, gy: Tensor, weight: nn.Pa
     if sess.grad_scale is not None:
         a_tr, b_tr = A[:N].reshape(-1, A.shape[-1]), B[:N].reshape(-1, B.shape[-1])
         if need_w:   # the one weight-gradient GEMM of this backward: training rows only
-            gw = torch.mm(b_tr.T, a_tr).mul_(sess.grad_scale).to(weight.dtype)
+            # (under autocast the output gradient is bf16/fp16 while the saved input may not be:
+            # the GEMM runs in the gradient's precision, as nn.Linear's would)
+            gw = torch.mm(b_tr.T, a_tr.to(b_tr.dtype)).mul_(sess.grad_scale).to(weight.dtype)
         if need_b and bias is not None:
             gb = b_tr.sum(0).mul_(sess.grad_scale).to(bias.dtype)
     if sess.can_fuse(weight, bias):
