@@ -3,7 +3,10 @@
 # kernel benchmark. Installs nothing: needs torch (CUDA) and triton already present; the
 # package is used from this checkout via PYTHONPATH (or an existing `pip install -e .`).
 # Results go to $OUT (default ./gpu_out): pytest log, nvidia-smi, bench_kernels.{md,json}.
-# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--quick]
+# Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--full]
+# Default: sized for a 15-minute device session (start-up included): at most ~9 minutes of
+# commands (tests 150 s, kernel benchmark --quick 180 s, step benchmark M=1 180 s).
+# --full: every shape of the kernel benchmark and M in {1,4} with memory probes (~20 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu_out}"
@@ -11,7 +14,12 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0              # compiled kernels (conftest only sets it when unset)
 export TRITON_DEFAULT_FP_FUSION=1
-QUICK="${1:-}"
+MODE="${1:-}"
+if [ "$MODE" = "--full" ]; then
+  QUICK=""; T_TEST=420; T_BENCH=480; T_STEP=420
+else
+  QUICK="--quick"; T_TEST=150; T_BENCH=180; T_STEP=180
+fi
 
 { nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
     > "$OUT/env.txt" 2>&1
@@ -21,25 +29,25 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 # 1) tests on the GPU: every kernel test runs on CUDA tensors (single config per shape,
 #    INRUN_AUTOTUNE=0, to keep compile time down); the `gpu`-marked tests (bf16 tensor cores,
 #    large shapes with autotuning on) run too.
-INRUN_AUTOTUNE=0 timeout 420 python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
+INRUN_AUTOTUNE=0 timeout $T_TEST python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
     2>&1 | tee "$OUT/pytest_gpu.txt"
 test_rc=${PIPESTATUS[0]}
 
 # 2) benchmark with autotuning on.
-INRUN_AUTOTUNE=1 timeout 480 python benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \
+INRUN_AUTOTUNE=1 timeout $T_BENCH python benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \
     2>&1 | tee "$OUT/bench_log.txt"
 bench_rc=${PIPESTATUS[0]}
 
 # 3) step-level benchmark (benchmarks/run.py): GPT-2 small (124M), T=1024, N=16, M in {1,4},
 #    bf16 autocast; plain / plain+val / InRunShapley per eligible backend / authors' engine /
 #    vmap / bs-1 loop, interleaved, 5 rounds; peak memory per method from a fresh subprocess
-#    (torch.cuda.max_memory_allocated). --quick: M=1 only, no memory probes.
+#    (torch.cuda.max_memory_allocated). Default (not --full): M=1 only, no memory probes.
 if [ "$QUICK" = "--quick" ]; then
   STEP_ARGS=(--config n_layer=12,d=768,n_head=12,vocab=50257,T=1024,N=16,M=1,autocast=bf16,device=cuda --no-memory)
 else
   STEP_ARGS=(--preset gpu)
 fi
-timeout 420 python -m benchmarks.run "${STEP_ARGS[@]}" --out "$OUT/step_gpu.json" \
+timeout $T_STEP python -m benchmarks.run "${STEP_ARGS[@]}" --out "$OUT/step_gpu.json" \
     2>&1 | tee "$OUT/step_log.txt"
 step_rc=${PIPESTATUS[0]}
 python -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.md" \
