@@ -76,6 +76,8 @@ def main(argv=None) -> int:
                          "(default 8 on CPU, 30 on GPU)")
     ap.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
     ap.add_argument("--mem-steps", type=int, default=2)
+    ap.add_argument("--mem-repeats", type=int, default=None,
+                    help="fresh-process memory probes per method, median kept (default 3 on CPU, 1 on GPU)")
     ap.add_argument("--kernels", action="store_true", help="also time the ghost primitives")
     ap.add_argument("--profile", action="store_true",
                     help="torch.profiler op tables of plain_concat / inrun / authors on the target configs")
@@ -108,7 +110,9 @@ def main(argv=None) -> int:
                                  "rotated per round; p20/p50/p80 over rounds; ratio = p50 / p50(plain)",
                        "memory": ("GPU: torch.cuda.max_memory_allocated in a fresh subprocess per method"
                                   if gpu else "CPU: peak RSS (VmHWM, i.e. ru_maxrss of the fresh image) "
-                                              "of a fresh subprocess per method")},
+                                              "of a fresh subprocess per method, median of "
+                                              f"{args.mem_repeats or 3} such probes (RSS varies by "
+                                              "tens of MiB between identical runs)")},
               "configs": [], "left_out": []}
     print(hardware_line(result["meta"]))
     slowdown = dict(M.CAPPED)
@@ -136,7 +140,9 @@ def main(argv=None) -> int:
                 if "skipped" in entry["time"][name]:
                     entry["memory"][name] = {"skipped": entry["time"][name]["skipped"]}
                     continue
-                entry["memory"][name] = r = H.memory_probe(cfg, name, steps=args.mem_steps)
+                repeats = args.mem_repeats or (1 if gpu else 3)
+                entry["memory"][name] = r = H.memory_probe(cfg, name, steps=args.mem_steps,
+                                                           repeats=repeats)
                 key = "gpu_peak_mib" if gpu else "peak_rss_mib"
                 if key in r:
                     extra = f"step {r['gpu_step_mib' if gpu else 'step_rss_mib']:.0f} MiB"

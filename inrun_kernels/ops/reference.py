@@ -56,18 +56,22 @@ def dot_gram(A: Tensor, B: Tensor, Av: Tensor, Bv: Tensor, *, bias: bool, per_va
     N, T, _ = A.shape
     M, S, _ = Av.shape
     B, Bv = _mask_lengths(B, lengths), _mask_lengths(Bv, val_lengths)
-    a_v = Av.reshape(M * S, -1).to(dt)
-    b_v = Bv.reshape(M * S, -1).to(dt)
     out = torch.empty(N, M, dtype=dt, device=A.device)
-    step = _row_chunk(T, M * S)
-    for i0 in range(0, N, step):
-        a = A[i0:i0 + step].reshape(-1, A.shape[-1]).to(dt)
-        b = B[i0:i0 + step].reshape(-1, B.shape[-1]).to(dt)
-        ga = a @ a_v.T
-        if bias:
-            ga += 1
-        ga *= b @ b_v.T
-        out[i0:i0 + step] = ga.reshape(-1, T, M, S).sum((1, 3))
+    # Blocks of (training samples) x (validation samples) whose two Grams fit the budget.
+    vstep = min(M, _row_chunk(T, S))
+    step = _row_chunk(T, vstep * S)
+    for v0 in range(0, M, vstep):
+        mv = min(vstep, M - v0)
+        a_v = Av[v0:v0 + vstep].reshape(mv * S, -1).to(dt)
+        b_v = Bv[v0:v0 + vstep].reshape(mv * S, -1).to(dt)
+        for i0 in range(0, N, step):
+            a = A[i0:i0 + step].reshape(-1, A.shape[-1]).to(dt)
+            b = B[i0:i0 + step].reshape(-1, B.shape[-1]).to(dt)
+            ga = a @ a_v.T
+            if bias:
+                ga += 1
+            ga *= b @ b_v.T
+            out[i0:i0 + step, v0:v0 + mv] = ga.reshape(-1, T, mv, S).sum((1, 3))
     return out if per_val else out.sum(1)
 
 
