@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..ops import reference as ref
 from . import configs as C
+from .tiles import row_tile
 from .ghost_gram import MAX_GRID_Y, launch_rows, plan_splits
 
 # Validation samples shorter than this are flattened into one column group when the values
@@ -73,14 +74,7 @@ def _ghost_dense_rows_kernel(
     split = pid_c % P_SPLITS
     kidx = pid_c // P_SPLITS
 
-    rows = pid_r * BT + tl.arange(0, BT).to(tl.int64)
-    n_r = rows // T
-    t_r = rows - n_r * T
-    in_range = rows < ROWS
-    rmask = in_range
-    if HAS_LEN:
-        ln = tl.load(LEN + n_r, mask=in_range, other=0)
-        rmask = rmask & (t_r < ln)
+    rows, n_r, t_r, in_range, rmask = row_tile(pid_r, T, ROWS, LEN, HAS_LEN, BT)
     active = tl.max(rmask.to(tl.int32), axis=0) > 0
 
     p_lo = split * SPLIT_LEN

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..ops import reference as ref
 from . import configs as C
+from .tiles import row_tile
 
 
 @triton.jit
@@ -50,14 +51,7 @@ def _ghost_gram_rows_kernel(
     pid_c = tl.program_id(1).to(tl.int64)
 
     # ---- training rows of this tile (flattened N*T axis) -----------------------------------
-    rows = pid_r * BT + tl.arange(0, BT).to(tl.int64)
-    n_r = rows // T
-    t_r = rows - n_r * T
-    in_range = rows < ROWS
-    rmask = in_range
-    if HAS_LEN:
-        ln = tl.load(LEN + n_r, mask=in_range, other=0)
-        rmask = rmask & (t_r < ln)
+    rows, n_r, t_r, in_range, rmask = row_tile(pid_r, T, ROWS, LEN, HAS_LEN, BT)
     n_lo = (pid_r * BT) // T
 
     # ---- column group and split ------------------------------------------------------------
