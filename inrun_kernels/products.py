@@ -177,3 +177,21 @@ def _gram_rows_outer(r1: Rows, r2: Outer) -> Tensor:
 @_rule(_GRAM, Outer, Rows)
 def _gram_outer_rows(r1: Outer, r2: Rows) -> Tensor:
     return _dot_outer_rows(r1, r2, True)
+
+
+# ---- dots with a dense vector (estimators: V known only after the backward) -------------------
+def dense_dot(rep, V: Tensor, v_bias: Tensor | None = None) -> Tensor:
+    """<g_i, V> for each sample of a rep, [n]. V has the parameter's shape (an Outer rep's weight
+    layout: [p, d] with p = B's width); v_bias the bias part of a fused weight+bias Outer rep.
+    Never forms a per-sample gradient."""
+    if isinstance(rep, Outer):
+        rep._full("a dense dot")
+        return ops.ghost_dot_dense(rep.A, rep.B, V.to(ref.acc_dtype(rep.A, rep.B)),
+                                   None if v_bias is None else v_bias.to(ref.acc_dtype(rep.A, rep.B)),
+                                   lengths=rep.lengths)
+    if isinstance(rep, Direct):
+        g = rep.materialise()
+        return g @ V.reshape(-1).to(g.dtype)
+    if isinstance(rep, Rows):
+        return rows_ops.rows_dense_dot(*rep.clean(), V)
+    raise TypeError(f"no dense dot for a {type(rep).__name__} rep")

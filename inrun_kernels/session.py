@@ -31,7 +31,7 @@ class GhostSession:
     def __init__(self, n_train: int, n_val: int, *, dot: bool = False, per_val: bool = False,
                  gram: bool = False, norms: bool = False, grad_scale: float | None = None,
                  dot_scale: dict[nn.Parameter, float] | None = None,
-                 names: dict[int, str] | None = None, per_param: bool = False):
+                 names: dict[int, str] | None = None, per_param: bool = False, keep: bool = False):
         if n_train < 1:
             raise ValueError(f"a ghost session needs at least one training row, got {n_train}")
         if (dot or per_val) and n_val < 1:
@@ -57,6 +57,10 @@ class GhostSession:
         self.by_param: dict[str, dict[str, Tensor]] = {}
         self.result_dtype = torch.float32
         self.closed = False   # set after the ghost backward: later backwards add nothing
+        # keep=True: no products here; the training rows' reps are kept, per use, for dots with a
+        # dense vector known only after the backward (estimators.py): [(params, rep), ...]
+        self.keep = keep
+        self.kept: list[tuple[tuple[nn.Parameter, ...], object]] = []
 
     # ---- called by layers ---------------------------------------------------------------
     @property
@@ -96,6 +100,9 @@ class GhostSession:
         """Per-sample gradient reps of `params` (one parameter, or a fused weight+bias pair)."""
         params = tuple(p for p in params if p is not None and p.requires_grad)
         if not params:
+            return
+        if self.keep:   # a shared parameter's uses are kept separately: dots are linear in g_i
+            self.kept.append((params, train_rep))
             return
         for p in params:
             self._seen[id(p)] += 1

@@ -1,31 +1,80 @@
-"""In-Run Data Shapley (first order) on top of the ghost products.
+"""In-Run Data Shapley: values of the update the optimizer really applies.
 
-    eng = InRunShapley(model, optimizer, loss_fn, val, num_samples=None)
-    loss = eng.step(train, ids)   # forward + backward of train+val; p.grad = train-only gradient
-    optimizer.step()
-    eng.values                    # float64 [num_samples], summed over steps
+    eng = InRunShapley(model, optimizer, loss_fn, val, num_samples=None,
+                       estimator="first", update="optimizer")
+    loss = eng.step(train, ids)   # forward + backward of the training rows; p.grad = train gradient
+    optimizer.step()              # the step's values are committed here (a step pre-hook)
+    eng.values                    # float64 [num_samples], summed over steps; > 0 = helpful
 
-Per step, sample i of a batch of N gets  phi_i = sum_params (lr_p / N) <g_i^p, g_val^p>,
-g_val the gradient of the MEAN validation loss and lr_p the learning rate of the optimizer
-param group holding p: the first-order Taylor estimate of how much the SGD update, through
-sample i's share of it, lowers the validation loss. Positive = helpful. (Under Adam-type
-optimizers this is the SGD-form proxy used by the paper.)
+The engine composes two parts: an update map (updates.py: Delta(g), what optimizer.step() does
+with gradient g, state fixed) and an estimator (estimators.py: the vector V each training
+sample's gradient is dotted with). Values are committed in an optimizer step pre-hook, against
+the gradient the optimizer is about to apply: a uniform rescale of .grad in between (gradient
+clipping) scales the step's share of every sample, and anything else is an error.
+
+Data path of a step: one ghost forward+backward. When the values are per-parameter scalars times
+<g_i, g_val> (first order with an SGD-type update: the slope of Delta is one number per
+parameter), the validation rows join the batch and the ghost backward computes the products by
+the cheapest route. Otherwise the ghost backward runs on the training rows only and keeps their
+per-sample gradient representations; at commit the estimator runs its validation pass and every
+sample's <g_i, V> is a dense-V ghost product over the kept representations (no per-sample
+gradient is formed).
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
 
 from . import ghost_pass as gp
+from . import products
 from .batch import batch_size
+from .estimators import StepContext, make_estimator
 from .ledger import ValueLedger, check_ids
+from .updates import make_update
+
+
+class _Pending:
+    """A step whose values wait for optimizer.step(): what the ghost pass produced."""
+
+    def __init__(self, ids: Tensor, n: int, params: list[nn.Parameter]):
+        self.ids, self.n, self.params = ids, n, params
+        self.raw: Tensor | None = None   # in-backward values for c = 1
+        self.kept: list = []             # [(params, rep)] for the dense-V products
+        # p.grad as the step left it: object, version and (sum, sum of squares) per parameter
+        self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
+        self.fingerprint = _fingerprint(params)
+
+
+def _fingerprint(params: list[nn.Parameter]) -> Tensor:
+    rows = []
+    for p in params:
+        g = p.grad
+        if g is None:
+            rows.append(torch.zeros(2, dtype=torch.float64))
+        else:
+            g = g.detach()
+            rows.append(torch.stack([g.sum(dtype=torch.float64),
+                                     torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]).cpu())
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 class InRunShapley:
+    """Per-sample In-Run Data Shapley values, accumulated over training steps.
+
+    estimator: "first" (one pass), "midpoint" (one extra validation pass at the midpoint of the
+    step; the most faithful), "second" (validation Hessian-vector product; needs double
+    backward). update: "optimizer" (the update your optimizer really applies: SGD with momentum/
+    nesterov/weight decay/maximize, Adam, AdamW) or "sgd" (the paper's SGD-form value).
+    See README "Which estimator"."""
+
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
-                 val: Any, num_samples: int | None = None, *, strict: bool = True):
+                 val: Any, num_samples: int | None = None, *, estimator: str = "first",
+                 update: str = "optimizer", strict: bool = True):
+        self.estimator = make_estimator(estimator)
+        self.update = make_update(optimizer, update)
         self.model = gp.ensure_patched(model, strict=strict)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
@@ -34,6 +83,9 @@ class InRunShapley:
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
         self.last_values: Tensor | None = None
+        self._pending: _Pending | None = None
+        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     @property
     def values(self) -> Tensor:
@@ -43,32 +95,159 @@ class InRunShapley:
     def counts(self) -> Tensor:
         return self.ledger.counts
 
-    def _dot_scales(self, n: int) -> dict[nn.Parameter, float]:
-        """lr_p / (N * M) per parameter, read now (schedulers change lr); 0 if not optimised."""
-        scales = {p: 0.0 for p in self.model.parameters()}
-        for group in self.optimizer.param_groups:
-            lr = float(group["lr"])
-            for p in group["params"]:
-                scales[p] = lr / (n * self.n_val)
-        return scales
+    def close(self) -> None:
+        """Detach from the optimizer (no more commits at optimizer.step())."""
+        self._hook.remove()
 
+    # ---- one training step ------------------------------------------------------------------
     def step(self, train: Any, ids) -> Tensor:
-        """One forward and one backward on train+val; records the values; returns the mean
-        training loss (detached). Call optimizer.step() afterwards as usual."""
+        """One forward and one backward; leaves p.grad as loss_fn(model, train).mean().backward()
+        would. Returns the mean training loss (detached). The step's values are recorded when
+        optimizer.step() runs next (or by commit())."""
+        if self._pending is not None:
+            raise RuntimeError(
+                "InRunShapley.step: the previous step's values are still pending: they are "
+                "committed by optimizer.step(), which values the update it really applies. Call "
+                "optimizer.step() after every eng.step() (or eng.commit() to record them now)")
         n = batch_size(train, "train")
         ids = check_ids(ids, n, self.ledger.num_samples)
-        sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
-                              dot=True, dot_scale=self._dot_scales(n))
-        values = sess.result("dot").to(torch.float64)
-        gp.check_finite(values, f"InRunShapley step {self.steps}", ids)
-        self.ledger.add(ids, values)
-        self.last_values = values
-        self.steps += 1
+        self.update.refresh()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.estimator.in_backward(self.update, params):
+            scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
+            sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
+                                  dot=True, dot_scale=scale)
+            raw = sess.result("dot").to(torch.float64)
+            gp.check_finite(raw, f"InRunShapley step {self.steps}", ids)
+        else:
+            sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True, keep=True)
+            raw = None
+        pend = _Pending(ids, n, params)
+        pend.raw, pend.kept = raw, sess.kept
+        self._pending = pend
         return losses[:n].mean()
 
+    def commit(self) -> Tensor | None:
+        """Record the pending step's values against p.grad as it stands now (what the optimizer
+        is about to apply). Called by the optimizer step pre-hook; returns the values or None."""
+        pend, self._pending = self._pending, None
+        if pend is None:
+            return None
+        c = self._rescale(pend)
+        if pend.raw is not None:
+            values = pend.raw * c
+        else:
+            values = self._dense_values(pend) * (c / pend.n)
+        gp.check_finite(values, f"InRunShapley step {self.steps}", pend.ids)
+        self.ledger.add(pend.ids, values)
+        self.last_values = values
+        self.steps += 1
+        return values
+
+    def _before_optimizer_step(self, optimizer, args, kwargs) -> None:
+        if self._pending is not None:
+            self.commit()
+
+    # ---- commit internals ---------------------------------------------------------------------
+    def _rescale(self, pend: _Pending) -> float:
+        """c such that p.grad == c * (the gradient the step produced) for every parameter."""
+        if all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(pend.params, pend.grads)):
+            return 1.0
+        before, now = pend.fingerprint, _fingerprint(pend.params)
+        total = float(before[:, 1].sum())
+        if total == 0.0:
+            return 1.0
+        c = math.sqrt(float(now[:, 1].sum()) / total)
+        if float((before[:, 0] * now[:, 0]).sum()) < 0:
+            c = -c
+        bad = []
+        for k, p in enumerate(pend.params):
+            tol = 1e-2 if p.dtype in (torch.float16, torch.bfloat16) else 1e-4
+            s1, s2 = before[k]
+            n1, n2 = now[k]
+            ok = abs(float(n2 - c * c * s2)) <= tol * c * c * float(s2) + 1e-30
+            ok = ok and abs(float(n1 - c * s1)) <= tol * abs(c) * math.sqrt(p.numel() * float(s2)) + 1e-30
+            if not ok:
+                bad.append(self._names.get(id(p), f"param@{id(p):x}"))
+        if bad:
+            raise RuntimeError(
+                f"InRunShapley: .grad of {bad[:5]}{' ...' if len(bad) > 5 else ''} was changed between "
+                "eng.step() and optimizer.step() in a way that is not one uniform rescale of all "
+                "gradients (clip_grad_norm_ is one; per-parameter or per-entry clipping is not), so "
+                f"the update no longer splits into per-sample shares. Nothing was recorded for ids "
+                f"{pend.ids.tolist()[:8]}{' ...' if pend.n > 8 else ''}")
+        return c
+
+    def _dense_values(self, pend: _Pending) -> Tensor:
+        """sum over kept reps of <g_i, V_p>, V from the estimator at the applied gradient."""
+        params = pend.params
+        x = {id(p): (torch.zeros_like(p) if p.grad is None else p.grad.detach()) for p in params}
+        ctx = StepContext(params, x, self.update, self._val_grads)
+        vector = self.estimator.prepare(ctx)
+        skip = {id(p) for p in gp.uncovered_params(self.model)}
+        by_param: dict[tuple, list] = {}
+        for ps, rep in pend.kept:
+            if not any(id(p) in skip for p in ps):
+                by_param.setdefault(tuple(ps), []).append(rep)
+        values = torch.zeros(pend.n, dtype=torch.float64)
+        for ps, reps in by_param.items():
+            V = [vector(p) for p in ps]
+            for rep in reps:
+                values += products.dense_dot(rep, *V).to("cpu", torch.float64)
+        return values
+
+    def _val_grads(self, shift: Callable[[nn.Parameter], Tensor] | None = None,
+                   hvp: dict[int, Tensor] | None = None):
+        """Gradient of the mean validation loss at w (+ shift), and with `hvp` the Hessian-vector
+        product H_val u. A plain forward+backward of the validation rows (no ghost session), RNG
+        forked so training randomness is unchanged; parameters restored bit-exactly; .grad untouched."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        saved = None
+        if shift is not None:
+            saved = [p.detach().clone() for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p.add_(shift(p).to(p.dtype))
+        devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                losses = gp.check_losses(self.loss_fn(self.model, self.val), self.n_val)
+                grads = torch.autograd.grad(losses.mean(), params, allow_unused=True,
+                                            create_graph=hvp is not None)
+                hv = None
+                if hvp is not None:
+                    live = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
+                    hv = _hessian_vector(live, params, hvp)
+        finally:
+            if saved is not None:
+                with torch.no_grad():
+                    for p, s in zip(params, saved):
+                        p.copy_(s)
+        zeros = lambda p: torch.zeros_like(p)  # noqa: E731
+        g_val = {id(p): (zeros(p) if g is None else g.detach()) for p, g in zip(params, grads)}
+        return g_val, hv
+
+    # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"ledger": self.ledger.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
+
+
+def _hessian_vector(live: list[tuple[Tensor, nn.Parameter]], params: list[nn.Parameter],
+                    u: dict[int, Tensor]) -> dict[int, Tensor]:
+    zeros = {id(p): torch.zeros_like(p) for p in params}
+    if not live:
+        return zeros
+    try:
+        hv = torch.autograd.grad([g for g, _ in live], params, allow_unused=True,
+                                 grad_outputs=[u[id(p)].to(g.dtype) for g, p in live])
+    except RuntimeError as e:
+        raise RuntimeError(
+            "estimator='second' needs the validation loss to be twice differentiable (a Hessian-"
+            f"vector product), and the model has an op without a double backward: {e}. Use "
+            "estimator='midpoint' (no Hessian, at least as accurate), or a twice-differentiable "
+            "implementation (e.g. attn_implementation='eager' for Hugging Face models)") from e
+    return {id(p): (zeros[id(p)] if h is None else h.detach()) for p, h in zip(params, hv)}

@@ -40,6 +40,7 @@ def test_engine_under_bf16_autocast():
         torch.testing.assert_close(p.grad, q.grad, rtol=0.05, atol=2e-3, msg=n)
     eng32 = ik.InRunShapley(ref32, torch.optim.SGD(ref32.parameters(), lr=0.1), ik.causal_lm_loss, val)
     eng32.step(train, torch.arange(5))
+    eng.commit(), eng32.commit()
     v16, v32 = eng.last_values, eng32.last_values
     assert torch.isfinite(v16).all()
     assert float((v16 - v32).norm() / v32.norm()) < 0.1

@@ -60,6 +60,7 @@ def test_values_match_the_oracle_with_per_group_learning_rates():
     want = sum(lrs[n] / (5 * 3) * orc.dot(name=n) for n in lrs)
     eng = ik.InRunShapley(model, opt, ce_loss, val)
     eng.step(train, torch.tensor([4, 0, 2, 9, 1]))
+    opt.step()   # values are committed by the optimizer step
     assert rel_err(eng.last_values, want) < 1e-6
     assert rel_err(eng.values[[4, 0, 2, 9, 1]], want) < 1e-6
     assert eng.values.shape == (10,) and eng.counts.tolist() == [1, 1, 1, 0, 1, 0, 0, 0, 0, 1]
@@ -97,11 +98,13 @@ def test_identical_samples_equal_values_and_zero_gradient_sample_gets_zero():
     x[4] = 0.0    # no bias: every layer input is 0, so every weight gradient is 0
     eng = ik.InRunShapley(model, opt, ce_loss, val, num_samples=10)
     eng.step((x, y), torch.tensor([0, 1, 2, 3, 4]))
+    eng.commit()
     v = eng.last_values
     assert v[1] == v[3] and v[1] != 0
     assert v[4] == 0
     # duplicate ids both add
     eng.step((x, y), torch.tensor([7, 7, 7, 7, 7]))
+    eng.commit()
     assert torch.allclose(eng.values[7], eng.last_values.sum())
     assert eng.counts[7] == 5
 
@@ -112,6 +115,7 @@ def test_state_dict_round_trip(tmp_path):
     train, val = make_data(4, (17,), 5, seed=1), make_data(2, (17,), 5, seed=2)
     eng = ik.InRunShapley(model, opt, ce_loss, val)
     eng.step(train, [3, 1, 3, 0])
+    opt.step()
     state = eng.state_dict()
     eng2 = ik.InRunShapley(model, opt, ce_loss, val)
     eng2.load_state_dict(state)
@@ -154,6 +158,7 @@ def test_non_finite_values_name_step_and_ids_and_add_nothing():
 
     eng = ik.InRunShapley(model, opt, loss, val, num_samples=20)
     eng.step(train, torch.arange(4))
+    opt.step()
     before = eng.values.clone()
     poison["on"] = True
     with pytest.raises(FloatingPointError, match=r"step 1: .*ids \[12\]"):
@@ -178,6 +183,7 @@ def test_strict_false_keeps_uncovered_gradients_right():
     train, val = make_data(5, (17,), 5, seed=1), make_data(2, (17,), 5, seed=2)
     eng = ik.InRunShapley(ghost, torch.optim.SGD(ghost.parameters(), lr=0.1), ce_loss, val)
     eng.step(train, torch.arange(5))
+    eng.commit()
     ce_loss(plain, train).mean().backward()
     for (n, p), q in zip(ghost.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-12, msg=n)

@@ -94,3 +94,18 @@ def outer_table(A_v: Tensor, Bu: Tensor, *, per_val: bool) -> Tensor:
     if per_val:
         return torch.bmm(Bu.transpose(1, 2), A).transpose(0, 1)  # [U, M, d]
     return (Bu.reshape(-1, Bu.shape[-1]).T @ A.reshape(-1, A.shape[-1]))[:, None]
+
+
+def rows_dense_dot(ids: Tensor, B: Tensor, V: Tensor) -> Tensor:
+    """<g_i, V> for a dense [num_rows, d] V: s_i = sum_t B[i, t] . V[ids[i, t]], [n]. Tokens with
+    a negative id must carry B = 0 (Rows.clean does both)."""
+    n, T, d = B.shape
+    dt = acc_dtype(B)
+    V = V.to(dt)
+    out = torch.zeros(n, dtype=dt, device=B.device)
+    step = max(1, temp_budget_elems() // max(1, T * d))
+    for i0 in range(0, n, step):
+        idx = ids[i0:i0 + step]
+        rows = V[idx.clamp_min(0).reshape(-1)].reshape(*idx.shape, d)
+        out[i0:i0 + step] = torch.linalg.vecdot(rows, B[i0:i0 + step].to(dt)).sum(1)
+    return out
