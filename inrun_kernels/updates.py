@@ -12,8 +12,9 @@ Jacobian is diagonal and the estimators need only elementwise quantities:
     constant_slope(p)  the secant when it is one number for every g (SGD family), else None
 
 Maps read the optimizer's param group and state at call time, i.e. as the step about to be
-taken will see them (the engine calls them from an optimizer step pre-hook). All arithmetic is
-float64; `g` may carry leading batch dims (the fidelity check evaluates many subsets at once).
+taken will see them (the engine calls them from an optimizer step pre-hook). Arithmetic is in
+float64 for float64 parameters, else float32; `g` may carry leading batch dims (the fidelity
+check evaluates many subsets at once).
 
     update="sgd"        SGDProxy: Delta(g) = -lr g (sign flipped under maximize), the paper's proxy
     update="optimizer"  the real map of torch.optim.SGD (momentum, dampening, nesterov,
@@ -33,8 +34,16 @@ class UnsupportedOptimizerError(TypeError):
     pass
 
 
-def _f64(t) -> Tensor:
-    return t.detach().to(torch.float64) if isinstance(t, Tensor) else torch.tensor(float(t), dtype=torch.float64)
+def compute_dtype(p: Tensor) -> torch.dtype:
+    """float64 for float64 parameters, else float32 (the precision the optimizer steps in)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
+def _as(t, p: Tensor) -> Tensor:
+    """A tensor (or number) in p's compute dtype, on p's device."""
+    if isinstance(t, Tensor):
+        return t.detach().to(device=p.device, dtype=compute_dtype(p))
+    return torch.tensor(float(t), dtype=compute_dtype(p), device=p.device)
 
 
 def _scalar(x) -> float:
@@ -78,7 +87,7 @@ class UpdateMap:
         return None
 
     def secant(self, p: nn.Parameter, g: Tensor) -> Tensor:
-        g = _f64(g)
+        g = _as(g, p)
         s = self.constant_slope(p)
         if s is not None:
             return torch.full_like(g, s)
@@ -95,13 +104,13 @@ class SGDProxy(UpdateMap):
         return self.sign(p) * self.lr(p)
 
     def delta(self, p, g):
-        return -self.constant_slope(p) * _f64(g)
+        return -self.constant_slope(p) * _as(g, p)
 
     def d1(self, p, g):
-        return torch.full_like(_f64(g), -self.constant_slope(p))
+        return torch.full_like(_as(g, p), -self.constant_slope(p))
 
     def d2(self, p, g):
-        return torch.zeros_like(_f64(g))
+        return torch.zeros_like(_as(g, p))
 
 
 class SGDMap(UpdateMap):
@@ -132,25 +141,25 @@ class SGDMap(UpdateMap):
 
     def delta(self, p, g):
         grp = self.group(p)
-        g = _f64(g)
+        g = _as(g, p)
         if grp is None:
             return torch.zeros_like(g)
         gd = self.sign(p) * g
         wd = float(grp.get("weight_decay", 0) or 0)
         if wd:
-            gd = gd + wd * _f64(p)
+            gd = gd + wd * _as(p, p)
         mu = float(grp.get("momentum", 0) or 0)
         if mu:
             buf = self._buf(p)
-            b = gd if buf is None else mu * _f64(buf) + (1.0 - float(grp.get("dampening", 0) or 0)) * gd
+            b = gd if buf is None else mu * _as(buf, p) + (1.0 - float(grp.get("dampening", 0) or 0)) * gd
             gd = gd + mu * b if grp.get("nesterov", False) else b
         return -self.lr(p) * gd
 
     def d1(self, p, g):
-        return torch.full_like(_f64(g), -self.constant_slope(p))
+        return torch.full_like(_as(g, p), -self.constant_slope(p))
 
     def d2(self, p, g):
-        return torch.zeros_like(_f64(g))
+        return torch.zeros_like(_as(g, p))
 
 
 class AdamMap(UpdateMap):
@@ -158,8 +167,9 @@ class AdamMap(UpdateMap):
         y = sign*g (+ wd*p for Adam's L2 decay); m' = b1 m + (1-b1) y; v' = b2 v + (1-b2) y^2
         r = sqrt(v_hat / bc2) with v_hat = v' (amsgrad: max(max_exp_avg_sq, v'))
         Delta = -(lr/bc1) m' / (r + eps)  (- lr*wd*p for AdamW's decoupled decay)
-    with bc1 = 1 - b1^(t+1), bc2 = 1 - b2^(t+1). Derivatives in closed form; where r = 0 (a
-    coordinate that never had a gradient, at g = 0) the kink's one-sided terms are taken as 0."""
+    with bc1 = 1 - b1^(t+1), bc2 = 1 - b2^(t+1). Derivatives and the secant in closed form (the
+    secant without cancellation, so float32 is enough); where r = 0 (a coordinate that never had
+    a gradient, at g = 0) the kink's one-sided terms are taken as 0."""
     name = "Adam"
 
     def _consts(self, p):
@@ -167,59 +177,93 @@ class AdamMap(UpdateMap):
         st = self.optimizer.state.get(p, {})
         b1, b2 = (_scalar(b) for b in grp["betas"])
         t = _scalar(st["step"]) + 1.0 if "step" in st else 1.0
-        zero = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-        m = _f64(st["exp_avg"]) if "exp_avg" in st else zero
-        v = _f64(st["exp_avg_sq"]) if "exp_avg_sq" in st else zero
+        zero = torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device)
+        m = _as(st["exp_avg"], p) if "exp_avg" in st else zero
+        v = _as(st["exp_avg_sq"], p) if "exp_avg_sq" in st else zero
         vmax = None
         if grp.get("amsgrad", False):
-            vmax = _f64(st["max_exp_avg_sq"]) if "max_exp_avg_sq" in st else zero
+            vmax = _as(st["max_exp_avg_sq"], p) if "max_exp_avg_sq" in st else zero
         wd = float(grp.get("weight_decay", 0) or 0)
         decoupled = bool(grp.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW)))
-        l2 = wd * _f64(p) if wd and not decoupled else None
         return dict(lr=self.lr(p), b1=b1, b2=b2, bc1=1.0 - b1 ** t, bc2=1.0 - b2 ** t, eps=float(grp["eps"]),
-                    m=m, v=v, vmax=vmax, l2=l2, wd_dec=(wd if decoupled else 0.0), sign=self.sign(p))
+                    m=m, v=v, vmax=vmax, l2=(wd * _as(p, p) if wd and not decoupled else None),
+                    wd_dec=(wd if decoupled else 0.0), sign=self.sign(p))
+
+    @staticmethod
+    def _y(c, g):
+        y = c["sign"] * g
+        return y if c["l2"] is None else y + c["l2"]
+
+    @staticmethod
+    def _r(c, v1):
+        vh = v1 if c["vmax"] is None else torch.maximum(c["vmax"], v1)
+        return (vh / c["bc2"]).sqrt_()
 
     def _parts(self, p, g):
         c = self._consts(p)
-        y = c["sign"] * _f64(g)
-        if c["l2"] is not None:
-            y = y + c["l2"]
-        m1 = c["b1"] * c["m"] + (1 - c["b1"]) * y
-        v1 = c["b2"] * c["v"] + (1 - c["b2"]) * y * y
-        vh = v1 if c["vmax"] is None else torch.maximum(c["vmax"], v1)
-        r = torch.sqrt(vh / c["bc2"])
+        y = self._y(c, _as(g, p))
+        m1 = torch.lerp(c["m"], y, 1 - c["b1"])
+        v1 = torch.addcmul(c["v"] * c["b2"], y, y, value=1 - c["b2"])
+        r = self._r(c, v1)
         # dr/dy, zero where r = 0 or where amsgrad's max does not follow v'
-        follows = torch.ones_like(r, dtype=torch.bool) if c["vmax"] is None else v1 >= c["vmax"]
-        live = (r > 0) & follows
+        live = r > 0 if c["vmax"] is None else (r > 0) & (v1 >= c["vmax"])
         r_safe = torch.where(r > 0, r, 1.0)
         dr = torch.where(live, (1 - c["b2"]) * y / (c["bc2"] * r_safe), 0.0)
-        ddr = torch.where(live, (1 - c["b2"]) / (c["bc2"] * r_safe) * (1 - y * dr / r_safe), 0.0)
-        return c, y, m1, r, dr, ddr
+        return c, y, m1, r, r_safe, dr
 
     def delta(self, p, g):
         if self.group(p) is None:
-            return torch.zeros_like(_f64(g))
-        c, y, m1, r, _, _ = self._parts(p, g)
-        out = -(c["lr"] / c["bc1"]) * m1 / (r + c["eps"])
+            return torch.zeros_like(_as(g, p))
+        c = self._consts(p)
+        y = self._y(c, _as(g, p))
+        m1 = torch.lerp(c["m"], y, 1 - c["b1"])
+        r = self._r(c, torch.addcmul(c["v"] * c["b2"], y, y, value=1 - c["b2"]))
+        out = m1.div_(r.add_(c["eps"])).mul_(-c["lr"] / c["bc1"])
         if c["wd_dec"]:
-            out = out - c["lr"] * c["wd_dec"] * _f64(p)
+            out = out - c["lr"] * c["wd_dec"] * _as(p, p)
         return out
 
     def d1(self, p, g):
         if self.group(p) is None:
-            return torch.zeros_like(_f64(g))
-        c, y, m1, r, dr, _ = self._parts(p, g)
+            return torch.zeros_like(_as(g, p))
+        c, y, m1, r, _, dr = self._parts(p, g)
         D = r + c["eps"]
         dF = (1 - c["b1"]) / D - m1 * dr / D ** 2     # d(m'/D)/dy
         return -(c["lr"] / c["bc1"]) * c["sign"] * dF
 
     def d2(self, p, g):
         if self.group(p) is None:
-            return torch.zeros_like(_f64(g))
-        c, y, m1, r, dr, ddr = self._parts(p, g)
+            return torch.zeros_like(_as(g, p))
+        c, y, m1, r, r_safe, dr = self._parts(p, g)
+        ddr = torch.where(dr != 0, (1 - c["b2"]) / (c["bc2"] * r_safe) * (1 - y * dr / r_safe), 0.0)
         D = r + c["eps"]
         ddF = -2 * (1 - c["b1"]) * dr / D ** 2 - m1 * ddr / D ** 2 + 2 * m1 * dr ** 2 / D ** 3
         return -(c["lr"] / c["bc1"]) * ddF    # sign^2 = 1
+
+    def secant(self, p, g):
+        """(Delta(0) - Delta(x)) / x = (lr/bc1) [(1-b1) s / D1 - m0 (v_hat1 - v_hat0) / (x bc2 (r0 + r1) D0 D1)]
+        with s = sign, subscripts 0 and 1 at g = 0 and g = x; (v_hat1 - v_hat0) / x in closed form."""
+        x = _as(g, p)
+        if self.group(p) is None:
+            return torch.zeros_like(x)
+        c = self._consts(p)
+        b1, b2, s = c["b1"], c["b2"], c["sign"]
+        y0 = torch.zeros_like(c["m"]) if c["l2"] is None else c["l2"]
+        y1 = y0 + s * x
+        m0 = torch.lerp(c["m"], y0, 1 - b1)
+        v0 = torch.addcmul(c["v"] * b2, y0, y0, value=1 - b2)
+        dv_dx = (1 - b2) * s * (y0 + y1)                   # (v1 - v0) / x
+        v1 = v0 + dv_dx * x
+        if c["vmax"] is not None:                        # amsgrad: the max may not follow v'
+            both = (v0 >= c["vmax"]) & (v1 >= c["vmax"])
+            vh0, vh1 = torch.maximum(c["vmax"], v0), torch.maximum(c["vmax"], v1)
+            nz = x != 0
+            dv_dx = torch.where(both, dv_dx, torch.where(nz, (vh1 - vh0) / torch.where(nz, x, 1.0), 0.0))
+        r0, r1 = self._r(c, v0), self._r(c, v1)
+        D0, D1 = r0 + c["eps"], r1 + c["eps"]
+        rr = r0 + r1
+        cross = torch.where(rr > 0, m0 * dv_dx / (c["bc2"] * torch.where(rr > 0, rr, 1.0) * D0 * D1), 0.0)
+        return (c["lr"] / c["bc1"]) * ((1 - b1) * s / D1 - cross)
 
 
 def _steps_like(optimizer, base: type) -> bool:
