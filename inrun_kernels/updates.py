@@ -242,28 +242,36 @@ class AdamMap(UpdateMap):
 
     def secant(self, p, g):
         """(Delta(0) - Delta(x)) / x = (lr/bc1) [(1-b1) s / D1 - m0 (v_hat1 - v_hat0) / (x bc2 (r0 + r1) D0 D1)]
-        with s = sign, subscripts 0 and 1 at g = 0 and g = x; (v_hat1 - v_hat0) / x in closed form."""
+        with s = sign, subscripts 0 and 1 at g = 0 and g = x; (v_hat1 - v_hat0) / x in closed form.
+        In-place arithmetic: this runs over every parameter at every step."""
         x = _as(g, p)
         if self.group(p) is None:
             return torch.zeros_like(x)
         c = self._consts(p)
         b1, b2, s = c["b1"], c["b2"], c["sign"]
-        y0 = torch.zeros_like(c["m"]) if c["l2"] is None else c["l2"]
-        y1 = y0 + s * x
-        m0 = torch.lerp(c["m"], y0, 1 - b1)
-        v0 = torch.addcmul(c["v"] * b2, y0, y0, value=1 - b2)
-        dv_dx = (1 - b2) * s * (y0 + y1)                   # (v1 - v0) / x
-        v1 = v0 + dv_dx * x
+        if c["l2"] is None:   # y0 = 0
+            m0, v0 = c["m"] * b1, c["v"] * b2
+            dv_dx = x * (1 - b2)                         # (v1 - v0) / x
+        else:
+            y0 = c["l2"]
+            m0 = torch.lerp(c["m"], y0, 1 - b1)
+            v0 = torch.addcmul(c["v"] * b2, y0, y0, value=1 - b2)
+            dv_dx = (y0 * 2 + s * x).mul_((1 - b2) * s)
+        v1 = torch.addcmul(v0, dv_dx, x)
         if c["vmax"] is not None:                        # amsgrad: the max may not follow v'
-            both = (v0 >= c["vmax"]) & (v1 >= c["vmax"])
-            vh0, vh1 = torch.maximum(c["vmax"], v0), torch.maximum(c["vmax"], v1)
+            vmax = c["vmax"]
             nz = x != 0
-            dv_dx = torch.where(both, dv_dx, torch.where(nz, (vh1 - vh0) / torch.where(nz, x, 1.0), 0.0))
-        r0, r1 = self._r(c, v0), self._r(c, v1)
-        D0, D1 = r0 + c["eps"], r1 + c["eps"]
-        rr = r0 + r1
-        cross = torch.where(rr > 0, m0 * dv_dx / (c["bc2"] * torch.where(rr > 0, rr, 1.0) * D0 * D1), 0.0)
-        return (c["lr"] / c["bc1"]) * ((1 - b1) * s / D1 - cross)
+            jump = (torch.maximum(vmax, v1) - torch.maximum(vmax, v0)) / torch.where(nz, x, 1.0)
+            dv_dx = torch.where((v0 >= vmax) & (v1 >= vmax), dv_dx, torch.where(nz, jump, 0.0))
+            v0, v1 = torch.maximum(vmax, v0), torch.maximum(vmax, v1)
+        r0 = v0.div_(c["bc2"]).sqrt_()
+        r1 = v1.div_(c["bc2"]).sqrt_()
+        # r0 + r1 = 0 only where v_hat0 = 0 and x = 0, and there m0 * dv_dx = 0 too
+        den = (r0 + r1).mul_(c["bc2"])
+        D0, D1 = r0.add_(c["eps"]), r1.add_(c["eps"])
+        den.mul_(D0).mul_(D1).clamp_min_(torch.finfo(den.dtype).tiny)
+        cross = m0.mul_(dv_dx).div_(den)
+        return D1.reciprocal_().mul_((1 - b1) * s).sub_(cross).mul_(c["lr"] / c["bc1"])
 
 
 def _steps_like(optimizer, base: type) -> bool:
