@@ -22,11 +22,13 @@ gradient is formed).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ghost_pass as gp
 from . import products
@@ -48,16 +50,18 @@ class _Pending:
         self.fingerprint = _fingerprint(params)
 
 
-def _fingerprint(params: list[nn.Parameter]) -> Tensor:
-    rows = []
+def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
+    """(sum, sum of squares) of each p.grad, float64, left on its device (no sync here)."""
+    out = []
     for p in params:
-        g = p.grad
-        if g is None:
-            rows.append(torch.zeros(2, dtype=torch.float64))
-        else:
-            g = g.detach()
-            rows.append(torch.stack([g.sum(dtype=torch.float64),
-                                     torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]).cpu())
+        g = None if p.grad is None else p.grad.detach()
+        out.append(None if g is None else torch.stack(
+            [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]))
+    return out
+
+
+def _on_cpu(fp: list[Tensor | None]) -> Tensor:
+    rows = [torch.zeros(2, dtype=torch.float64) if t is None else t.cpu() for t in fp]
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
@@ -153,7 +157,7 @@ class InRunShapley:
         """c such that p.grad == c * (the gradient the step produced) for every parameter."""
         if all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(pend.params, pend.grads)):
             return 1.0
-        before, now = pend.fingerprint, _fingerprint(pend.params)
+        before, now = _on_cpu(pend.fingerprint), _on_cpu(_fingerprint(pend.params))
         total = float(before[:, 1].sum())
         if total == 0.0:
             return 1.0
@@ -209,8 +213,10 @@ class InRunShapley:
                 for p in params:
                     p.add_(shift(p).to(p.dtype))
         devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        # fused attention kernels have no double backward; the math one does (same values)
+        attention = sdpa_kernel([SDPBackend.MATH]) if hvp is not None else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention:
                 losses = gp.check_losses(self.loss_fn(self.model, self.val), self.n_val)
                 grads = torch.autograd.grad(losses.mean(), params, allow_unused=True,
                                             create_graph=hvp is not None)
