@@ -9,6 +9,7 @@ them, scaled per parameter, into its accumulators. It never sees a per-sample gr
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections import defaultdict
 from contextlib import contextmanager
@@ -102,7 +103,7 @@ class GhostSession:
         if not params:
             return
         if self.keep:   # a shared parameter's uses are kept separately: dots are linear in g_i
-            self.kept.append((params, train_rep))
+            self.kept.append((params, _detached(train_rep)))
             return
         for p in params:
             self._seen[id(p)] += 1
@@ -189,6 +190,13 @@ class GhostSession:
         if val is None:
             val = torch.zeros(shapes[kind], dtype=torch.float64)
         return val.to(self.result_dtype)
+
+
+def _detached(rep):
+    """The rep with detached tensors: a kept layer input still points (grad_fn) into the graph,
+    whose nodes point back to this session; the cycle would outlive the step."""
+    fields = {f.name: getattr(rep, f.name) for f in dataclasses.fields(rep)}
+    return type(rep)(**{k: v.detach() if isinstance(v, Tensor) else v for k, v in fields.items()})
 
 
 @contextmanager
