@@ -194,10 +194,11 @@ class InRunShapley:
             if not any(id(p) in skip for p in ps):
                 by_param.setdefault(tuple(ps), []).append(rep)
         values = torch.zeros(pend.n, dtype=torch.float64)
-        for ps, reps in by_param.items():
-            V = [vector(p) for p in ps]
-            for rep in reps:
-                values += products.dense_dot(rep, *V).to("cpu", torch.float64)
+        with torch.no_grad():
+            for ps, reps in by_param.items():
+                V = [vector(p) for p in ps]
+                for rep in reps:
+                    values += products.dense_dot(rep, *V).to("cpu", torch.float64)
         return values
 
     def _val_grads(self, shift: Callable[[nn.Parameter], Tensor] | None = None,

@@ -209,7 +209,7 @@ class AdamMap(UpdateMap):
         live = r > 0 if c["vmax"] is None else (r > 0) & (v1 >= c["vmax"])
         r_safe = torch.where(r > 0, r, 1.0)
         dr = torch.where(live, (1 - c["b2"]) * y / (c["bc2"] * r_safe), 0.0)
-        return c, y, m1, r, r_safe, dr
+        return c, y, m1, r, r_safe, dr, live
 
     def delta(self, p, g):
         if self.group(p) is None:
@@ -226,7 +226,7 @@ class AdamMap(UpdateMap):
     def d1(self, p, g):
         if self.group(p) is None:
             return torch.zeros_like(_as(g, p))
-        c, y, m1, r, _, dr = self._parts(p, g)
+        c, y, m1, r, _, dr, _ = self._parts(p, g)
         D = r + c["eps"]
         dF = (1 - c["b1"]) / D - m1 * dr / D ** 2     # d(m'/D)/dy
         return -(c["lr"] / c["bc1"]) * c["sign"] * dF
@@ -234,8 +234,8 @@ class AdamMap(UpdateMap):
     def d2(self, p, g):
         if self.group(p) is None:
             return torch.zeros_like(_as(g, p))
-        c, y, m1, r, r_safe, dr = self._parts(p, g)
-        ddr = torch.where(dr != 0, (1 - c["b2"]) / (c["bc2"] * r_safe) * (1 - y * dr / r_safe), 0.0)
+        c, y, m1, r, r_safe, dr, live = self._parts(p, g)
+        ddr = torch.where(live, (1 - c["b2"]) / (c["bc2"] * r_safe) * (1 - y * dr / r_safe), 0.0)
         D = r + c["eps"]
         ddF = -2 * (1 - c["b1"]) * dr / D ** 2 - m1 * ddr / D ** 2 + 2 * m1 * dr ** 2 / D ** 3
         return -(c["lr"] / c["bc1"]) * ddF    # sign^2 = 1
