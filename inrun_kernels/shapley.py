@@ -60,6 +60,23 @@ def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
     return out
 
 
+def _check_no_stale_grad(params: list[nn.Parameter], names: dict[int, str]) -> None:
+    """A gradient left from before the step would be applied with this step's but valued by
+    nobody: an error (one reduction, one sync, only when some .grad exists)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    norms = torch._foreach_norm([g.detach() for g in grads])
+    live = torch.stack([n.to(grads[0].device, torch.float32) for n in norms]) != 0
+    if bool(live.any()):
+        held = [names.get(id(p), "?") for p in params if p.grad is not None]
+        bad = [n for n, x in zip(held, live.tolist()) if x]
+        raise RuntimeError(
+            f"InRunShapley.step: .grad of {bad[:5]}{' ...' if len(bad) > 5 else ''} already holds a "
+            "gradient; the optimizer would apply it together with this step's, and no sample's value "
+            "would account for it. Call optimizer.zero_grad() before eng.step()")
+
+
 def _on_cpu(fp: list[Tensor | None]) -> Tensor:
     rows = [torch.zeros(2, dtype=torch.float64) if t is None else t.cpu() for t in fp]
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
@@ -117,6 +134,7 @@ class InRunShapley:
         ids = check_ids(ids, n, self.ledger.num_samples)
         self.update.refresh()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        _check_no_stale_grad(params, self._names)
         if self.estimator.in_backward(self.update, params):
             scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
             sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,

@@ -103,6 +103,7 @@ def test_identical_samples_equal_values_and_zero_gradient_sample_gets_zero():
     assert v[1] == v[3] and v[1] != 0
     assert v[4] == 0
     # duplicate ids both add
+    opt.zero_grad()
     eng.step((x, y), torch.tensor([7, 7, 7, 7, 7]))
     eng.commit()
     assert torch.allclose(eng.values[7], eng.last_values.sum())
@@ -161,6 +162,7 @@ def test_non_finite_values_name_step_and_ids_and_add_nothing():
     opt.step()
     before = eng.values.clone()
     poison["on"] = True
+    opt.zero_grad()
     with pytest.raises(FloatingPointError, match=r"step 1: .*ids \[12\]"):
         eng.step(train, torch.tensor([10, 11, 12, 13]))
     assert torch.equal(eng.values, before) and eng.counts.sum() == 4
@@ -191,3 +193,17 @@ def test_strict_false_keeps_uncovered_gradients_right():
     orc = Oracle(plain, ce_loss, train, val)
     want = sum(0.1 / 10 * orc.dot(name=n) for n, _ in plain.named_parameters() if n != "0.s")
     assert rel_err(eng.last_values, want) < 1e-6
+
+
+def test_a_gradient_left_from_before_the_step_is_an_error():
+    model = MLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    train, val = make_data(4, (17,), 5, seed=1), make_data(2, (17,), 5, seed=2)
+    eng = ik.InRunShapley(model, opt, ce_loss, val)
+    ce_loss(model, train).mean().backward()        # the user forgot zero_grad()
+    with pytest.raises(RuntimeError, match=r"already holds a gradient.*zero_grad"):
+        eng.step(train, torch.arange(4))
+    opt.zero_grad(set_to_none=False)                # zero tensors are fine
+    eng.step(train, torch.arange(4))
+    opt.step()
+    assert eng.steps == 1
