@@ -148,6 +148,9 @@ def memory_probe(cfg: StepConfig, name: str, *, steps: int = 2, timeout: float =
     ok.sort(key=lambda r: r[key])
     best = dict(ok[len(ok) // 2])
     best["peaks_mib"] = [round(r[key], 1) for r in ok]
+    failed = [r.get("error") or r.get("skipped") for r in runs if key not in r]
+    if failed:
+        best["failed_probes"] = failed
     return best
 
 

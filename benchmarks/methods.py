@@ -4,7 +4,13 @@ backward, optimizer.step, zero_grad) plus whatever per-sample values the method 
 
     plain          train batch alone (the baseline: ratio 1.00)
     plain_concat   train+val concatenated (the cost floor of one joint backward)
-    inrun[<be>]    inrun_kernels.InRunShapley first order, backend <be> (torch / triton / cpp)
+    inrun[<be>]    inrun_kernels.InRunShapley first order, backend <be> (torch / triton / cpp);
+                   update="sgd" (the SGD-form value, products in the ghost backward) where the
+                   engine takes update= (issue 8), so the main grid keeps measuring that path
+    inrun_first_sgd, inrun_first, inrun_midpoint, inrun_second
+                   InRunShapley(estimator=..., update=...) with the torch backend (issue 8):
+                   first/sgd = the old SGD-proxy value, first/midpoint/second with the update map
+                   of the real optimizer (AdamW); values committed at optimizer.step()
     authors        baselines.AuthorsEngine: hooks + materialised Gram matrices + recomputed grads
     vmap           baselines.per_sample_vmap: torch.func per-sample gradients
     loop           baselines.per_sample_loop: a batch-size-1 loop
@@ -29,6 +35,13 @@ CAPPED = {"vmap": 4.0, "loop": 3.0}
 
 # ratio targets (issue 5), checked by the report
 TARGETS = {"inrun_ratio_M1": 1.30, "inrun_ratio_M4": 1.55, "inrun_mem_vs_concat": 1.05}
+
+# the estimator methods (issue 8): name -> (estimator, update)
+ESTIMATORS = {"inrun_first_sgd": ("first", "sgd"), "inrun_first": ("first", "optimizer"),
+              "inrun_midpoint": ("midpoint", "optimizer"), "inrun_second": ("second", "optimizer")}
+# estimator cost targets (issue 8), d256 T128 N16 M1, checked by the report: step-time ratio to
+# plain, and peak memory of inrun_midpoint relative to the concatenated plain step
+ESTIMATOR_TARGETS = {"inrun_first": 1.45, "inrun_midpoint": 1.80, "inrun_midpoint_mem_vs_concat": 1.30}
 
 
 class Skip(Exception):
@@ -135,17 +148,56 @@ class InRun(Method):
         if why:
             raise Skip(why)
         super().__init__(cfg, state, data)
-        import inrun_kernels as ik
         self.backend = backend
         self.name = f"inrun[{backend}]"
-        self.eng = ik.InRunShapley(self.model, self.opt, self.loss_fn, self.val, num_samples=cfg.N)
+        self.eng = self._engine()
         self.ids = torch.arange(cfg.N)
+
+    def _engine(self):
+        """First order with the SGD-form value (update="sgd" where the engine has it, issue 8):
+        the products run inside the ghost backward, the path the main grid and the issue-5
+        targets measure. (The default update="optimizer" values AdamW's real update, which needs
+        a validation pass and dense-V products at commit: that is `inrun_first`.)"""
+        import inrun_kernels as ik
+        kw = {} if estimator_support() else {"estimator": "first", "update": "sgd"}
+        return ik.InRunShapley(self.model, self.opt, self.loss_fn, self.val, num_samples=self.cfg.N, **kw)
 
     def step(self):
         with env_var("INRUN_BACKEND", self.backend), autocast_ctx(self.cfg):
             self.eng.step(self.train, self.ids)
         self._update()
         self.values = self.eng.last_values
+
+
+def estimator_support() -> str | None:
+    """None when ik.InRunShapley takes estimator= and update= (issue 8), else why not."""
+    import inspect
+
+    import inrun_kernels as ik
+    params = inspect.signature(ik.InRunShapley).parameters
+    missing = [k for k in ("estimator", "update") if k not in params]
+    if missing:
+        return f"ik.InRunShapley has no {'/'.join(k + '=' for k in missing)} (engine predates issue 8)"
+    return None
+
+
+class InRunEstimator(InRun):
+    """InRunShapley(estimator=..., update=...), torch backend. One step = eng.step +
+    optimizer.step (the values are committed by the engine's optimizer step pre-hook) +
+    zero_grad; the values are eng.last_values."""
+
+    def __init__(self, cfg, state=None, data=None, name: str = "inrun_first"):
+        why = estimator_support()
+        if why:
+            raise Skip(why)
+        self.estimator, self.update = ESTIMATORS[name]
+        super().__init__(cfg, state, data, backend="torch")
+        self.name, self.label = name, LABELS[name]
+
+    def _engine(self):
+        import inrun_kernels as ik
+        return ik.InRunShapley(self.model, self.opt, self.loss_fn, self.val, num_samples=self.cfg.N,
+                               estimator=self.estimator, update=self.update)
 
 
 class Authors(Method):
@@ -180,20 +232,37 @@ class Loop(Method):
 
 
 def method_names() -> list[str]:
+    """The methods of the main step-level grid (the estimator methods are run separately:
+    estimator_method_names, `python -m benchmarks.run --estimators`)."""
     return ["plain", "plain_concat"] + [f"inrun[{b}]" for b in inrun_backends()] + ["authors", "vmap", "loop"]
+
+
+def estimator_method_names() -> list[str]:
+    """The estimator cost benchmark (issue 8): baselines, then the four estimator methods."""
+    return ["plain", "plain_concat", *ESTIMATORS]
+
+
+def all_method_names() -> list[str]:
+    return method_names() + list(ESTIMATORS)
 
 
 LABELS = {"plain": Plain.label, "plain_concat": PlainConcat.label, "authors": Authors.label,
           "vmap": Vmap.label, "loop": Loop.label,
-          **{f"inrun[{b}]": f"InRunShapley first order, backend {b}" for b in inrun_backends()}}
+          **{f"inrun[{b}]": f"InRunShapley first order (update=sgd), backend {b}" for b in inrun_backends()},
+          "inrun_first_sgd": "InRunShapley estimator=first, update=sgd (the old SGD-proxy value)",
+          "inrun_first": "InRunShapley estimator=first, update=optimizer (default; AdamW secant)",
+          "inrun_midpoint": "InRunShapley estimator=midpoint, update=optimizer",
+          "inrun_second": "InRunShapley estimator=second, update=optimizer (double backward)"}
 
 
 def build(name: str, cfg: StepConfig, state: dict | None = None, data=None) -> Method:
     """Construct a method (raises Skip with the reason when it cannot run here)."""
     if name.startswith("inrun[") and name.endswith("]"):
         return InRun(cfg, state, data, backend=name[6:-1])
+    if name in ESTIMATORS:
+        return InRunEstimator(cfg, state, data, name=name)
     cls = {"plain": Plain, "plain_concat": PlainConcat, "authors": Authors, "vmap": Vmap,
            "loop": Loop}.get(name)
     if cls is None:
-        raise ValueError(f"unknown method {name!r}; expected one of {method_names()}")
+        raise ValueError(f"unknown method {name!r}; expected one of {all_method_names()}")
     return cls(cfg, state, data)

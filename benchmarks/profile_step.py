@@ -2,6 +2,17 @@
 inrun[torch] and authors, and the per-op difference inrun - plain_concat.
 
     python -m benchmarks.profile_step --config d=256,T=128,N=16,M=4 [--steps 3]
+    python -m benchmarks.profile_step --phases --config d=256,T=128,N=16,M=1   # estimators (issue 8)
+
+--phases: wall time per step of each phase of the estimator methods (inrun_first_sgd,
+inrun_first, inrun_midpoint, inrun_second; plain and plain_concat for reference), measured by
+wrapping the engine's parts from outside the package: the ghost forward+backward (eng.step), the
+validation pass(es) at commit (eng._val_grads: plain forward+backward of the val rows, at shifted
+weights for midpoint, with a double backward for second), the update-map arithmetic (delta / d1 /
+d2 / secant of eng.update), the dense-V products (products.dense_dot), the rest of the commit
+(V assembly, float64 casts, rescale check, ledger), AdamW's own step and zero_grad. Exclusive
+times: a wrapped call nested in another (the update map inside the midpoint's weight shift) is
+charged to itself only.
 """
 from __future__ import annotations
 
@@ -107,6 +118,111 @@ def product_times(cfg: StepConfig, steps: int = 3) -> dict:
             "products_ms": sum(r["ms"] for r in rows), "by_pair": rows}
 
 
+PHASES = ("ghost fwd+bwd (eng.step)", "validation pass", "update map", "dense-V products",
+          "commit other", "AdamW step", "zero_grad", "plain fwd+bwd")
+
+
+class _Clock:
+    """Exclusive wall time per phase for nested wrapped calls."""
+
+    def __init__(self):
+        self.ms = {k: 0.0 for k in PHASES}
+        self.stack: list[list] = []   # [phase, start, children]
+
+    def wrap(self, phase: str, fn):
+        import time
+
+        def inner(*a, **k):
+            self.stack.append([phase, time.perf_counter(), 0.0])
+            try:
+                return fn(*a, **k)
+            finally:
+                ph, t0, kids = self.stack.pop()
+                dt = time.perf_counter() - t0
+                self.ms[ph] += (dt - kids) * 1e3
+                if self.stack:
+                    self.stack[-1][2] += dt
+        return inner
+
+
+def phase_times(cfg: StepConfig, names=("plain", "plain_concat", "inrun_first_sgd", "inrun_first",
+                                        "inrun_midpoint", "inrun_second"), steps: int = 3,
+                state=None, data=None) -> dict:
+    """Per-step wall ms of each phase (see module doc) for each method; methods built on the same
+    weights and data, one warm-up step each, then `steps` timed steps per method in turn."""
+    import time
+    from inrun_kernels import products
+    if state is None:
+        torch.manual_seed(0)
+        state, data = make_model(cfg).state_dict(), make_data(cfg)
+    out = {"config": cfg.to_dict(), "name": cfg.name, "steps": steps, "methods": {}}
+    for name in names:
+        try:
+            m = M.build(name, cfg, state, data)
+        except M.Skip as e:
+            out["methods"][name] = {"skipped": str(e)}
+            continue
+        clock = _Clock()
+        orig_dense = products.dense_dot
+        eng = getattr(m, "eng", None)
+        opt_step = m.opt.step
+        by_rep: dict[str, list] = {}
+        if eng is not None:
+            def dense(rep, *a, _f=clock.wrap("dense-V products", orig_dense), **k):
+                t0 = time.perf_counter()
+                try:
+                    return _f(rep, *a, **k)
+                finally:
+                    e = by_rep.setdefault(_rep_desc(rep), [0.0, 0])
+                    e[0] += time.perf_counter() - t0
+                    e[1] += 1
+            eng.step = clock.wrap("ghost fwd+bwd (eng.step)", eng.step)
+            eng.commit = clock.wrap("commit other", eng.commit)
+            eng._val_grads = clock.wrap("validation pass", eng._val_grads)
+            for fn in ("delta", "d1", "d2", "secant"):
+                setattr(eng.update, fn, clock.wrap("update map", getattr(eng.update, fn)))
+            products.dense_dot = dense
+        else:
+            m.loss_fn = clock.wrap("plain fwd+bwd", m.loss_fn)
+        m.opt.step = clock.wrap("AdamW step", opt_step)
+        m.opt.zero_grad = clock.wrap("zero_grad", m.opt.zero_grad)
+        try:
+            m.step()   # warm-up (and the first AdamW step creates its state)
+            clock.ms = {k: 0.0 for k in PHASES}
+            by_rep.clear()
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                m.step()
+            total = (time.perf_counter() - t0) * 1e3 / steps
+        finally:
+            products.dense_dot = orig_dense
+        ph = {k: v / steps for k, v in clock.ms.items() if v}
+        if eng is None:   # the plain step: forward+loss wrapped; backward is the rest
+            ph["plain fwd+bwd"] = total - ph.get("AdamW step", 0.0) - ph.get("zero_grad", 0.0)
+        ph["unaccounted"] = total - sum(ph.values())
+        out["methods"][name] = {"step_ms": total, "phases_ms": ph}
+        if by_rep:
+            out["methods"][name]["dense_by_rep"] = sorted(
+                ({"rep": k, "ms": v[0] * 1e3 / steps, "calls": v[1] / steps} for k, v in by_rep.items()),
+                key=lambda r: -r["ms"])
+        del m
+    return out
+
+
+def print_phases(r: dict) -> None:
+    print(f"== phases of {r['name']} (wall ms per step, {r['steps']} steps)")
+    cols = list(PHASES) + ["unaccounted"]
+    for name, t in r["methods"].items():
+        if "skipped" in t:
+            print(f"  {name}: skipped: {t['skipped']}")
+            continue
+        parts = ", ".join(f"{k} {t['phases_ms'][k]:.0f}" for k in cols if abs(t["phases_ms"].get(k, 0)) >= 0.5)
+        print(f"  {name:<16} {t['step_ms']:7.0f} ms: {parts}")
+        if t.get("dense_by_rep"):
+            print("      dense-V by rep: " + ", ".join(f"{r['rep']} {r['ms']:.0f} ms ({r['calls']:.0f})"
+                                               for r in t["dense_by_rep"][:6]))
+
+
 def profile_configs(cfgs, **kw) -> list[dict]:
     out = []
     for c in cfgs:
@@ -126,8 +242,19 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--methods", default="plain_concat,inrun[torch],authors")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--phases", action="store_true",
+                    help="phase times of the estimator methods instead of the op tables (see above)")
     args = ap.parse_args(argv)
     cfgs = [parse_config(c, StepConfig()) for c in args.config] or [StepConfig(d=256, T=128, N=16, M=4)]
+    if args.phases:
+        res = []
+        for c in cfgs:
+            res.append(phase_times(c, steps=args.steps))
+            print_phases(res[-1])
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        return 0
     res = profile_configs(cfgs, names=tuple(args.methods.split(",")), steps=args.steps)
     for r in res:
         print(f"== {r['name']}")

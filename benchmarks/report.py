@@ -13,16 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import defaultdict
 
 from .common import REPO, hardware_line
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ORDER = ["plain", "plain_concat", "inrun[torch]", "inrun[triton]", "inrun[cpp]", "authors", "vmap", "loop"]
+ORDER = ["plain", "plain_concat", "inrun[torch]", "inrun[triton]", "inrun[cpp]", "authors", "vmap", "loop",
+         "inrun_first_sgd", "inrun_first", "inrun_midpoint", "inrun_second"]
 SHORT = {"plain": "plain (train)", "plain_concat": "plain (train+val)", "inrun[torch]": "InRun torch",
          "inrun[triton]": "InRun triton", "inrun[cpp]": "InRun cpp", "authors": "(a) authors",
-         "vmap": "(b) vmap", "loop": "(c) bs-1 loop"}
+         "vmap": "(b) vmap", "loop": "(c) bs-1 loop", "inrun_first_sgd": "first / sgd",
+         "inrun_first": "first / optimizer", "inrun_midpoint": "midpoint / optimizer",
+         "inrun_second": "second / optimizer"}
 
 
 def _methods(res: dict) -> list[str]:
@@ -151,10 +155,8 @@ def plots(res: dict, prefix: str, outdir: str = HERE) -> list[str]:
     return files
 
 
-def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
+def _run_header(res: dict, src: str) -> list[str]:
     meta = res["meta"]
-    key, step_key = _mem_key(res)
-    methods = _methods(res)
     L = []
     L.append(f"### Run `{os.path.relpath(os.path.abspath(src), REPO)}` ({meta.get('started', '?')}, {meta.get('wall_s', 0):.0f} s)")
     L.append("")
@@ -172,6 +174,13 @@ def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
     L.append(f"Timing: {meta['timing']}; {meta['rounds']} rounds after {meta['warmup']} warm-up step(s). "
              f"Memory: {meta['memory']}.")
     L.append("")
+    return L
+
+
+def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
+    key, step_key = _mem_key(res)
+    methods = _methods(res)
+    L = _run_header(res, src)
     L.append("Step time: **ratio to the plain train-only step** (p50 ms). `skipped*` = too slow, see below.")
     L.append("")
     L.append("| config | " + " | ".join(SHORT.get(m, m) for m in methods) + " |")
@@ -273,6 +282,136 @@ def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
     return "\n".join(L)
 
 
+def is_estimator_run(res: dict) -> bool:
+    return res.get("meta", {}).get("kind") == "estimators"
+
+
+def _is_estimator_target_cfg(k: dict) -> bool:
+    return ((k["d"], k["T"], k["N"], k["M"], k.get("n_layer", 4), k.get("vocab", 8192))
+            == (256, 128, 16, 1, 4, 8192) and k.get("autocast", "none") == "none")
+
+
+def estimator_targets(res: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for the estimator cost targets of issue 8, at the config they
+    are defined for (d256 T128 N16 M1, 4 layers, vocab 8192)."""
+    from .methods import ESTIMATOR_TARGETS
+    tg = {**ESTIMATOR_TARGETS, **res["meta"].get("targets", {})}
+    key, step_key = _mem_key(res)
+    rows = []
+    for c in res["configs"]:
+        if not _is_estimator_target_cfg(c["config"]):
+            continue
+        t = c["time"]
+        for name, what in (("inrun_first", "first order, update=optimizer"),
+                           ("inrun_midpoint", "midpoint, update=optimizer")):
+            r = t.get(name, {})
+            lim = tg[name]
+            if "ratio" not in r:
+                rows.append((f"{what}: step time <= {lim:.2f}x plain, {_cfg_cell(c)}",
+                             r.get("skipped", "not run"), "not measured"))
+                continue
+            pr = r["paired_ratio"]
+            rows.append((f"{what}: step time <= {lim:.2f}x plain, {_cfg_cell(c)}",
+                         f"{r['ratio']:.2f} (paired {pr['p50']:.2f}, p20-p80 {pr['p20']:.2f}-{pr['p80']:.2f})",
+                         "met" if r["ratio"] <= lim else "MISSED"))
+        mem = c.get("memory", {})
+        a, b = mem.get("inrun_midpoint", {}), mem.get("plain_concat", {})
+        lim = tg["inrun_midpoint_mem_vs_concat"]
+        label = f"midpoint peak memory <= {lim:.2f}x the concatenated plain step, {_cfg_cell(c)}"
+        if key in a and key in b:
+            r_peak = a[key] / b[key]
+            r_step = a[step_key] / max(b[step_key], 1e-9)
+            rows.append((label, f"peak {a[key]:.0f} vs {b[key]:.0f} MiB = {r_peak:.3f}x "
+                                f"(step part {a[step_key]:.0f} vs {b[step_key]:.0f} MiB = {r_step:.2f}x)",
+                         "met" if r_peak <= lim else "MISSED"))
+        else:
+            rows.append((label, (a or b).get("skipped", "not measured"), "not measured"))
+    return rows
+
+
+def render_estimators(res: dict, src: str) -> str:
+    """The "Estimator cost" section (issue 8) from a `python -m benchmarks.run --estimators` JSON."""
+    key, step_key = _mem_key(res)
+    est = res["meta"].get("estimators", {})
+    L = ["## Estimator cost (issue 8)", ""]
+    L.append("`InRunShapley(estimator=..., update=...)`, torch backend, AdamW; one step = `eng.step` + "
+             "`optimizer.step()` (the values are committed there) + `zero_grad`. first / sgd = the old "
+             "SGD-proxy value (lr/N)<g_i, g_val>; first / optimizer = the secant of AdamW's update map "
+             "(the default); midpoint = the validation gradient at the half-step point; second = a "
+             "Hessian-vector product (double backward). Ratios are to the plain train-only step timed in "
+             "the same process, interleaved; targets: first (update=optimizer) <= 1.45x plain, midpoint "
+             "<= 1.8x plain, midpoint peak memory <= 1.3x the concatenated plain step (d256 T128 N16 M1).")
+    L.append("")
+    L += _run_header(res, src)
+    for c in res["configs"]:
+        t, mem = c["time"], c.get("memory", {})
+        ref = mem.get("plain_concat", {})
+        L.append(f"{_cfg_cell(c)} (4-layer GPT-2, vocab {c['config'].get('vocab')}):" if c["config"].get("n_layer", 4) == 4
+                 else f"{_cfg_cell(c)}:")
+        L.append("")
+        L.append("| method | estimator / update | p50 ms (p20-p80) | ratio to plain | paired ratio p50 (p20-p80) "
+                 "| peak MiB / step part | peak vs concat |")
+        L.append("|---|---|---|---|---|---|---|")
+        for m in [m for m in ORDER if m in t] + sorted(set(t) - set(ORDER)):
+            r = t[m]
+            eu = est.get(m)
+            eu = f"{eu['estimator']} / {eu['update']}" if eu else "- (baseline)"
+            if "skipped" in r:
+                L.append(f"| `{m}` | {eu} | skipped: {r['skipped']} | - | - | - | - |")
+                continue
+            pr = r["paired_ratio"]
+            mm = mem.get(m)
+            if mm and key in mm:
+                mcell = f"{mm[key]:.0f} / {mm[step_key]:.0f}"
+                vs = f"{mm[key] / ref[key]:.3f}x" if key in ref else "-"
+            else:
+                mcell = "skipped" if mm and "skipped" in mm else "error" if mm else "-"
+                vs = "-"
+            L.append(f"| `{m}` | {eu} | {r['p50'] * 1e3:.0f} ({r['p20'] * 1e3:.0f}-{r['p80'] * 1e3:.0f}) "
+                     f"| **{r['ratio']:.2f}** | {pr['p50']:.2f} ({pr['p20']:.2f}-{pr['p80']:.2f}) | {mcell} | {vs} |")
+        L.append("")
+        peaks = {m: mm["peaks_mib"] for m, mm in mem.items() if "peaks_mib" in mm}
+        if peaks:
+            L.append("Memory probes (every fresh-process peak, MiB; the median is kept): "
+                     + "; ".join(f"`{m}` {', '.join(f'{x:.0f}' for x in v)}" for m, v in peaks.items())
+                     + ".")
+            L.append("")
+    for ph in res.get("phases", []):
+        from .profile_step import PHASES
+        cols = [k for k in (*PHASES, "unaccounted")
+                if any(abs(t.get("phases_ms", {}).get(k, 0.0)) >= 0.5 for t in ph["methods"].values())]
+        L.append(f"Where the time goes, {_cfg_cell(ph)} (wall ms per step by phase, {ph['steps']} steps per "
+                 "method after one warm-up, not interleaved; `python -m benchmarks.profile_step --phases`):")
+        L.append("")
+        L.append("| method | step | " + " | ".join(cols) + " |")
+        L.append("|---|---|" + "---|" * len(cols))
+        for m, t in ph["methods"].items():
+            if "skipped" in t:
+                continue
+            L.append(f"| `{m}` | {t['step_ms']:.0f} | "
+                     + " | ".join(f"{t['phases_ms'].get(k, 0.0):.0f}" for k in cols) + " |")
+        L.append("")
+        for m, t in ph["methods"].items():
+            if t.get("dense_by_rep"):
+                L.append(f"- `{m}` dense-V products by training rep (ms per step, calls): "
+                         + ", ".join(f"{r['rep']} {r['ms']:.0f} ({r['calls']:.0f})" for r in t["dense_by_rep"][:6]))
+        if any(t.get("dense_by_rep") for t in ph["methods"].values()):
+            L.append("")
+    tg = estimator_targets(res)
+    if tg:
+        L.append("Targets (issue 8):")
+        L.append("")
+        L.append("| target | measured | verdict |")
+        L.append("|---|---|---|")
+        for a, b, v in tg:
+            L.append(f"| {a} | {b} | {v} |")
+        L.append("")
+    else:
+        L.append("(The targets are defined at d256 T128 N16 M1, which this run does not include.)")
+        L.append("")
+    return "\n".join(L)
+
+
 HEADER = """# Benchmark results
 
 Generated by `python -m benchmarks.report` from the JSON of `python -m benchmarks.run`; do not
@@ -285,24 +424,90 @@ exact; (b) = torch.func vmap per-sample gradients, exact; (c) = batch-size-1 loo
 """
 
 
+EST_BEGIN, EST_END = "<!-- estimators:begin -->", "<!-- estimators:end -->"
+_BLOCK = re.compile(r"<!-- ([\w-]+):begin -->.*?<!-- \1:end -->\n?", re.S)
+
+
+def splice(text: str, begin: str, end: str, block: str) -> str:
+    """text with the part from `begin` to `end` (markers included) replaced by block (which
+    carries its own markers), or block appended when the markers are absent."""
+    if begin in text and end in text and text.index(begin) < text.index(end):
+        a, b = text.index(begin), text.index(end) + len(end)
+        if text[b:b + 1] == "\n":
+            b += 1
+        return text[:a] + block + text[b:]
+    return text.rstrip("\n") + "\n\n" + block
+
+
+def estimator_block(est_runs: list[tuple[str, dict]]) -> str:
+    body = "\n".join(render_estimators(res, src) for src, res in est_runs)
+    return f"{EST_BEGIN}\n{body.rstrip()}\n{EST_END}\n"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--json", action="append", default=[], help="runner JSON (repeatable)")
     ap.add_argument("--out", default=os.path.join(HERE, "RESULTS.md"))
     ap.add_argument("--preface", default=None, help="a Markdown file inserted after the header")
+    ap.add_argument("--estimators", action="append", default=None,
+                    help="JSON of `python -m benchmarks.run --estimators`, rendered as the 'Estimator cost' "
+                         "section (repeatable; default: benchmarks/results/estimators_cpu.json when it "
+                         "exists; a --json file of that kind is rendered the same way)")
+    ap.add_argument("--no-estimators", action="store_true", help="leave the Estimator cost section out")
+    ap.add_argument("--only-estimators", action="store_true",
+                    help="rewrite only the Estimator cost section of --out (between its "
+                         "<!-- estimators:begin/end --> markers, appended if absent); the rest of the "
+                         "file, plots included, is left as it is")
     args = ap.parse_args(argv)
-    srcs = args.json or [os.path.join(HERE, "results", "cpu.json")]
-    parts = [HEADER]
-    if args.preface:
-        with open(args.preface) as f:
-            parts.append(f.read())
-    for i, src in enumerate(srcs):
+    est_srcs = list(args.estimators or [])
+    if args.estimators is None:
+        default = os.path.join(HERE, "results", "estimators_cpu.json")
+        if os.path.exists(default):
+            est_srcs.append(default)
+    srcs = args.json or ([] if args.only_estimators else [os.path.join(HERE, "results", "cpu.json")])
+    loaded = []
+    for src in srcs:
         with open(src) as f:
-            res = json.load(f)
-        prefix = "" if len(srcs) == 1 else os.path.splitext(os.path.basename(src))[0] + "_"
-        parts.append(render(res, src, prefix, os.path.dirname(os.path.abspath(args.out))))
+            loaded.append((src, json.load(f)))
+    step_runs = [(s, r) for s, r in loaded if not is_estimator_run(r)]
+    est_runs = [(s, r) for s, r in loaded if is_estimator_run(r)]
+    if not args.no_estimators:
+        seen = {os.path.abspath(s) for s, _ in est_runs}
+        for src in est_srcs:
+            if os.path.abspath(src) in seen:
+                continue
+            with open(src) as f:
+                est_runs.append((src, json.load(f)))
+    else:
+        est_runs = []
+    old = ""
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            old = f.read()
+    if args.only_estimators:
+        if not est_runs:
+            raise SystemExit("--only-estimators: no estimator JSON (run `python -m benchmarks.run --estimators`)")
+        text = splice(old, EST_BEGIN, EST_END, estimator_block(est_runs)) if old else estimator_block(est_runs)
+    else:
+        parts = [HEADER]
+        if args.preface:
+            with open(args.preface) as f:
+                parts.append(f.read())
+        for src, res in step_runs:
+            prefix = "" if len(step_runs) == 1 else os.path.splitext(os.path.basename(src))[0] + "_"
+            parts.append(render(res, src, prefix, os.path.dirname(os.path.abspath(args.out))))
+        text = "\n".join(parts)
+        if est_runs:
+            text = splice(text, EST_BEGIN, EST_END, estimator_block(est_runs))
+        # sections other tools splice into the file (e.g. benchmarks.fidelity's
+        # <!-- fidelity:begin/end --> block) are carried over unchanged
+        for m in _BLOCK.finditer(old):
+            if m.group(1) == "estimators" and est_runs:
+                continue
+            begin, end = f"<!-- {m.group(1)}:begin -->", f"<!-- {m.group(1)}:end -->"
+            text = splice(text, begin, end, m.group(0) if m.group(0).endswith("\n") else m.group(0) + "\n")
     with open(args.out, "w") as f:
-        f.write("\n".join(parts))
+        f.write(text)
     print(f"wrote {args.out}")
     return 0
 

@@ -6,6 +6,14 @@ each), optional kernel timings and profiles; writes one JSON file with hardware 
     python -m benchmarks.run --preset cpu     --out benchmarks/results/cpu.json       # full CPU grid
     python -m benchmarks.run --preset gpu     --out $OUT/step_gpu.json                # GPT-2 small
     python -m benchmarks.report --json benchmarks/results/cpu.json                    # RESULTS.md
+    python -m benchmarks.run --estimators                  # -> benchmarks/results/estimators_cpu.json
+
+--estimators: the estimator cost benchmark of issue 8: d256 T128 N16 M1 (unless --config or
+--preset says otherwise), methods plain, plain_concat, inrun_first_sgd, inrun_first,
+inrun_midpoint, inrun_second, 7 interleaved rounds, fresh-process memory probes of all but
+plain (--profile adds where each method's time goes, by phase); the report renders it as the
+"Estimator cost" section (targets: first <= 1.45x plain, midpoint <= 1.8x plain, midpoint peak
+memory <= 1.3x the concatenated plain step).
 
 Presets: quick = the smallest CPU config; targets = d256 T128 N16 M{1,4}; cpu = the issue's grid
 (n_layer 4, d {256,512}, T {128,256}, N {8,16}, M {1,4}, vocab 8192, n_head 4); cpu-subset =
@@ -26,6 +34,8 @@ from . import harness as H
 from . import methods as M
 from .common import (QUICK_CONFIG, TARGET_CONFIGS, StepConfig, cpu_configs, env_info, gpt2_small,
                      hardware_line)
+
+ESTIMATOR_CONFIG = TARGET_CONFIGS[0]   # d256 T128 N16 M1, 4 layers, vocab 8192
 
 
 def preset_configs(name: str) -> list[StepConfig]:
@@ -67,9 +77,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default=None, help="quick | targets | cpu | cpu-subset | gpu")
     ap.add_argument("--config", action="append", default=[], help="e.g. d=256,T=128,N=16,M=1")
-    ap.add_argument("--methods", default=",".join(M.method_names()),
-                    help="comma list of " + ",".join(M.method_names()))
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--methods", default=None,
+                    help="comma list of " + ",".join(M.all_method_names()) + " (default: "
+                         + ",".join(M.method_names()) + "; with --estimators: "
+                         + ",".join(M.estimator_method_names()) + ")")
+    ap.add_argument("--estimators", action="store_true",
+                    help="the estimator cost benchmark (issue 8), see above")
+    ap.add_argument("--mem-methods", default=None,
+                    help="comma list: probe the memory of these methods only (default: every timed "
+                         "method; with --estimators every one but plain)")
+    ap.add_argument("--rounds", type=int, default=None, help="timed rounds (default 5; 7 with --estimators)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--cap-s", type=float, default=None,
                     help="skip vmap/loop when their estimated s/step exceeds this "
@@ -80,19 +97,28 @@ def main(argv=None) -> int:
                     help="fresh-process memory probes per method, median kept (default 3 on CPU, 1 on GPU)")
     ap.add_argument("--kernels", action="store_true", help="also time the ghost primitives")
     ap.add_argument("--profile", action="store_true",
-                    help="torch.profiler op tables of plain_concat / inrun / authors on the target configs")
+                    help="torch.profiler op tables of plain_concat / inrun / authors on the target configs; "
+                         "with --estimators: the phase times of every method (profile_step --phases)")
     ap.add_argument("--budget-s", type=float, default=None,
                     help="start no new config after this many seconds (the JSON says which were left out)")
     ap.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
-    ap.add_argument("--out", default="benchmarks/results/results.json")
+    ap.add_argument("--out", default=None,
+                    help="default benchmarks/results/results.json; with --estimators "
+                         "benchmarks/results/estimators_<cpu|gpu>.json")
     ap.add_argument("--note", action="append", default=[], help="free text stored with the results")
     args = ap.parse_args(argv)
 
     cfgs = preset_configs(args.preset) if args.preset else []
-    base = cfgs[0] if cfgs else StepConfig()
+    base = cfgs[0] if cfgs else (ESTIMATOR_CONFIG if args.estimators else StepConfig())
     cfgs += [parse_config(c, base) for c in args.config]
     if not cfgs:
-        cfgs = [QUICK_CONFIG]
+        cfgs = [ESTIMATOR_CONFIG if args.estimators else QUICK_CONFIG]
+    if args.rounds is None:
+        args.rounds = 7 if args.estimators else 5
+    if args.methods is None:
+        args.methods = ",".join(M.estimator_method_names() if args.estimators else M.method_names())
+    if args.mem_methods is None and args.estimators:
+        args.mem_methods = ",".join(n for n in M.estimator_method_names() if n != "plain")
     if args.device:
         cfgs = [StepConfig.from_dict({**c.to_dict(), "device": args.device}) for c in cfgs]
     if any(c.device.startswith("cuda") for c in cfgs) and not torch.cuda.is_available():
@@ -100,12 +126,17 @@ def main(argv=None) -> int:
     gpu = any(c.device.startswith("cuda") for c in cfgs)
     cap = args.cap_s if args.cap_s is not None else (30.0 if gpu else 8.0)
     names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    mem_names = None if args.mem_methods is None else {n.strip() for n in args.mem_methods.split(",")}
+    if args.out is None:
+        args.out = (f"benchmarks/results/estimators_{'gpu' if gpu else 'cpu'}.json" if args.estimators
+                    else "benchmarks/results/results.json")
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     t_start = time.time()
     result = {"meta": {**env_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
                        "args": vars(args), "cap_s": cap, "rounds": args.rounds, "warmup": args.warmup,
                        "notes": args.note,
+                       "kind": "estimators" if args.estimators else "steps",
                        "timing": "one process, interleaved: each round runs every method once, order "
                                  "rotated per round; p20/p50/p80 over rounds; ratio = p50 / p50(plain)",
                        "memory": ("GPU: torch.cuda.max_memory_allocated in a fresh subprocess per method"
@@ -114,6 +145,10 @@ def main(argv=None) -> int:
                                               f"{args.mem_repeats or 3} such probes (RSS varies by "
                                               "tens of MiB between identical runs)")},
               "configs": [], "left_out": []}
+    if args.estimators:
+        result["meta"]["targets"] = dict(M.ESTIMATOR_TARGETS)
+        result["meta"]["estimators"] = {n: {"estimator": e, "update": u}
+                                        for n, (e, u) in M.ESTIMATORS.items()}
     print(hardware_line(result["meta"]))
     slowdown = dict(M.CAPPED)
 
@@ -137,6 +172,8 @@ def main(argv=None) -> int:
         if not args.no_memory:
             entry["memory"] = {}
             for name in entry["time"]:
+                if mem_names is not None and name not in mem_names:
+                    continue
                 if "skipped" in entry["time"][name]:
                     entry["memory"][name] = {"skipped": entry["time"][name]["skipped"]}
                     continue
@@ -152,7 +189,11 @@ def main(argv=None) -> int:
         result["configs"].append(entry)
         save()
 
-    if args.profile:
+    if args.profile and args.estimators:
+        from .profile_step import phase_times
+        result["phases"] = [phase_times(c, names=tuple(n for n in names)) for c in cfgs]
+        save()
+    elif args.profile:
         from .profile_step import profile_configs
         result["profile"] = profile_configs([c for c in cfgs if c in TARGET_CONFIGS] or cfgs[:1])
         save()
