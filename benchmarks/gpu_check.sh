@@ -5,7 +5,8 @@
 # Results go to $OUT (default ./gpu_out): pytest log, nvidia-smi, bench_kernels.{md,json}.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--full]
 # Default: sized for a 15-minute device session (start-up included): at most ~9 minutes of
-# commands (tests 150 s, kernel benchmark --quick 180 s, step benchmark M=1 180 s).
+# commands (tests 150 s, kernel benchmark --quick 180 s, step benchmark M=1 180 s, estimator
+# cost 150 s).
 # --full: every shape of the kernel benchmark and M in {1,4} with memory probes (~20 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,5 +54,14 @@ step_rc=${PIPESTATUS[0]}
 python -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.md" \
     2>&1 | tee -a "$OUT/step_log.txt"
 
-echo "pytest rc=$test_rc bench rc=$bench_rc step rc=$step_rc (results in $OUT)"
-exit $(( test_rc != 0 || bench_rc != 0 || step_rc != 0 ))
+# 4) estimator cost (issue 8's GPU target: midpoint >= 70% of plain throughput, i.e. a step
+#    ratio <= 1.43): plain / concat / first (sgd, optimizer) / midpoint / second, GPT-2 small,
+#    T=1024, N=16, M=1, bf16 autocast, AdamW. Default: 3 rounds, no memory probes.
+if [ "$QUICK" = "--quick" ]; then EST_ARGS=(--rounds 3 --no-memory); T_EST=150; else EST_ARGS=(); T_EST=420; fi
+timeout $T_EST python -m benchmarks.run --estimators "${EST_ARGS[@]}" \
+    --config n_layer=12,d=768,n_head=12,vocab=50257,T=1024,N=16,M=1,autocast=bf16,device=cuda \
+    --out "$OUT/estimators_gpu.json" 2>&1 | tee "$OUT/estimators_log.txt"
+est_rc=${PIPESTATUS[0]}
+
+echo "pytest rc=$test_rc bench rc=$bench_rc step rc=$step_rc estimators rc=$est_rc (results in $OUT)"
+exit $(( test_rc != 0 || bench_rc != 0 || step_rc != 0 || est_rc != 0 ))
