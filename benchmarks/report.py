@@ -70,6 +70,11 @@ def _mem_cell(m: dict | None, key: str, step_key: str, ref: dict | None) -> str:
     return cell
 
 
+def _target_table(title: str, rows) -> list[str]:
+    return [title, "", "| target | measured | verdict |", "|---|---|---|",
+            *(f"| {a} | {b} | {v} |" for a, b, v in rows), ""]
+
+
 def targets(res: dict) -> list[tuple[str, str, str]]:
     """(target, measured, verdict) for the issue's CPU targets, where the run covers them."""
     from .methods import TARGETS
@@ -234,13 +239,7 @@ def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
         L.append("")
     tg = targets(res)
     if tg:
-        L.append("Targets (issue 5):")
-        L.append("")
-        L.append("| target | measured | verdict |")
-        L.append("|---|---|---|")
-        for a, b, v in tg:
-            L.append(f"| {a} | {b} | {v} |")
-        L.append("")
+        L += _target_table("Targets (issue 5):", tg)
     for pr in res.get("profile", []):
         L.append(f"Profile of {pr['name']} (torch.profiler, self CPU time per step, {pr['steps']} steps):")
         L.append("")
@@ -399,13 +398,7 @@ def render_estimators(res: dict, src: str) -> str:
             L.append("")
     tg = estimator_targets(res)
     if tg:
-        L.append("Targets (issue 8):")
-        L.append("")
-        L.append("| target | measured | verdict |")
-        L.append("|---|---|---|")
-        for a, b, v in tg:
-            L.append(f"| {a} | {b} | {v} |")
-        L.append("")
+        L += _target_table("Targets (issue 8):", tg)
     else:
         L.append("(The targets are defined at d256 T128 N16 M1, which this run does not include.)")
         L.append("")
