@@ -41,10 +41,10 @@ from .updates import make_update
 class _Pending:
     """A step whose values wait for optimizer.step(): what the ghost pass produced."""
 
-    def __init__(self, ids: Tensor, n: int, params: list[nn.Parameter]):
+    def __init__(self, ids: Tensor, n: int, params: list[nn.Parameter], raw: Tensor | None, kept: list):
         self.ids, self.n, self.params = ids, n, params
-        self.raw: Tensor | None = None   # in-backward values for c = 1
-        self.kept: list = []             # [(params, rep)] for the dense-V products
+        self.raw = raw     # values computed in the backward (for c = 1), or None
+        self.kept = kept   # [(params, rep)] of the training rows, for the dense-V products
         # p.grad as the step left it: object, version and (sum, sum of squares) per parameter
         self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
         self.fingerprint = _fingerprint(params)
@@ -144,9 +144,7 @@ class InRunShapley:
         else:
             sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True, keep=True)
             raw = None
-        pend = _Pending(ids, n, params)
-        pend.raw, pend.kept = raw, sess.kept
-        self._pending = pend
+        self._pending = _Pending(ids, n, params, raw, sess.kept)
         return losses[:n].mean()
 
     def commit(self) -> Tensor | None:
