@@ -3,7 +3,8 @@
 Shared by the functional API and the engine: joins the batches, checks the losses, runs the
 single backward, and keeps the gradients of parameters the ghost layers do not cover right
 (train rows only, via a second backward restricted to them: exact, and only when strict=False
-left such parameters)."""
+left such parameters). Before the backward, guard.check_paths refuses any other gradient path
+into a covered parameter."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch import batch_size, concat
+from .guard import check_paths
 from .patch import check_batch_coupling, coverage, is_patched, patch
 from .session import GhostSession, ghost_session
 
@@ -23,8 +25,11 @@ def ensure_patched(model: nn.Module, strict: bool = True) -> nn.Module:
 
 
 def uncovered_params(model: nn.Module) -> list[nn.Parameter]:
+    """Trainable parameters patch() left uncovered, matched under any of their names (a shared
+    parameter is listed under the name of its uncovered use)."""
     names = set(coverage(model).uncovered)
-    return [p for n, p in model.named_parameters() if n in names and p.requires_grad]
+    ids = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in names}
+    return [p for p in model.parameters() if id(p) in ids and p.requires_grad]
 
 
 def param_names(model: nn.Module) -> dict[int, str]:
@@ -56,9 +61,11 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
     saved = None if train_grad else [p.grad for p in params]
     others = uncovered_params(model)
     others_saved = [p.grad for p in others]
+    names = param_names(model)
     with ghost_session(n, m, grad_scale=1.0 / n if train_grad else None,
-                       names=param_names(model), **session_kwargs) as sess:
+                       names=names, **session_kwargs) as sess:
         losses = check_losses(loss_fn(model, batch), n + m)
+        check_paths(losses, params, {id(p) for p in others}, names)
         losses.sum().backward(retain_graph=bool(others) and train_grad)
         sess.finish()
         sess.closed = True
