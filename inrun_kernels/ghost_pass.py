@@ -48,11 +48,16 @@ def check_losses(losses: Any, rows: int) -> Tensor:
 
 
 def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
-        train_grad: bool, **session_kwargs) -> tuple[GhostSession, Tensor]:
+        train_grad: bool, ids: Tensor | None = None, what: str = "ghost pass",
+        **session_kwargs) -> tuple[GhostSession, Tensor]:
     """Returns the finished session and the per-sample losses (detached).
 
     train_grad=True: afterwards every p.grad is as after loss_fn(model, train).mean().backward().
-    train_grad=False: every p.grad is left as it was."""
+    train_grad=False: every p.grad is left as it was.
+    ids / what: how errors name the training rows and the step."""
+    if not torch.is_grad_enabled():
+        raise RuntimeError("inrun_kernels needs autograd, but this step runs under torch.no_grad() "
+                           "or torch.inference_mode(); call it outside that context")
     check_batch_coupling(model)
     n = batch_size(train, "train")
     m = 0 if val is None else batch_size(val, "val")
@@ -65,6 +70,7 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
     with ghost_session(n, m, grad_scale=1.0 / n if train_grad else None,
                        names=names, **session_kwargs) as sess:
         losses = check_losses(loss_fn(model, batch), n + m)
+        check_finite_losses(losses, n, ids, what)
         check_paths(losses, params, {id(p) for p in others}, names)
         losses.sum().backward(retain_graph=bool(others) and train_grad)
         sess.finish()
@@ -78,6 +84,20 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
         for p, g in zip(params, saved):
             p.grad = g
     return sess, losses.detach()
+
+
+def check_finite_losses(losses: Tensor, n: int, ids: Tensor | None = None, what: str = "ghost pass") -> None:
+    """Before the backward: a non-finite loss names its rows (training rows by id, or position
+    in the batch; validation rows by position in the validation batch); nothing computed yet."""
+    bad = ~torch.isfinite(losses.detach())
+    if not bool(bad.any()):
+        return
+    rows = bad.nonzero().flatten().tolist()
+    tr, va = [r for r in rows if r < n], [r - n for r in rows if r >= n]
+    who = f"training ids {ids[tr].tolist()}" if ids is not None else f"training rows {tr}"
+    parts = ([who] if tr else []) + ([f"validation rows {va}"] if va else [])
+    raise FloatingPointError(f"{what}: non-finite per-sample loss at {' and '.join(parts)}; "
+                             "nothing was computed or recorded and .grad is unchanged")
 
 
 def check_finite(values: Tensor, what: str, ids: Tensor | None = None) -> None:

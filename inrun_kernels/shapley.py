@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -77,6 +78,20 @@ def _check_no_stale_grad(params: list[nn.Parameter], names: dict[int, str]) -> N
             "would account for it. Call optimizer.zero_grad() before eng.step()")
 
 
+def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The optimizer must update the model's trainable parameters: none is an error (every value
+    would be 0), some missing is a warning naming them (their share of the values is 0)."""
+    held = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if id(p) not in held]
+    if trainable and len(missing) == len(trainable):
+        raise ValueError("the optimizer holds none of the model's trainable parameters: build it from "
+                         "model.parameters() (of this model object)")
+    if missing:
+        warnings.warn(f"the optimizer does not update {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
+                      "they contribute nothing to the values", stacklevel=3)
+
+
 def _on_cpu(fp: list[Tensor | None]) -> Tensor:
     rows = [torch.zeros(2, dtype=torch.float64) if t is None else t.cpu() for t in fp]
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
@@ -101,6 +116,9 @@ class InRunShapley:
         self.loss_fn = loss_fn
         self.val = val
         self.n_val = batch_size(val, "val")
+        if self.n_val < 1:
+            raise ValueError("the validation batch is empty: values need at least one validation row")
+        _check_optimizer_holds(model, optimizer)
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
         self.last_values: Tensor | None = None
@@ -130,20 +148,36 @@ class InRunShapley:
                 "InRunShapley.step: the previous step's values are still pending: they are "
                 "committed by optimizer.step(), which values the update it really applies. Call "
                 "optimizer.step() after every eng.step() (or eng.commit() to record them now)")
+        if not gp.is_patched(self.model):
+            raise RuntimeError("InRunShapley.step: the model is no longer patched (ik.unpatch was called "
+                               "after the engine was built); every value would be 0. Build a new engine")
         n = batch_size(train, "train")
+        if n < 1:
+            raise ValueError("InRunShapley.step: the training batch is empty")
         ids = check_ids(ids, n, self.ledger.num_samples)
         self.update.refresh()
         params = [p for p in self.model.parameters() if p.requires_grad]
         _check_no_stale_grad(params, self._names)
-        if self.estimator.in_backward(self.update, params):
-            scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
-            sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
-                                  dot=True, dot_scale=scale)
-            raw = sess.result("dot").to(torch.float64)
-            gp.check_finite(raw, f"InRunShapley step {self.steps}", ids)
-        else:
-            sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True, keep=True)
-            raw = None
+        had_grad = [p.grad is not None for p in params]
+        what = f"InRunShapley step {self.steps}"
+        try:
+            if self.estimator.in_backward(self.update, params):
+                scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
+                sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
+                                      ids=ids, what=what, dot=True, dot_scale=scale)
+                raw = sess.result("dot").to(torch.float64)
+                gp.check_finite(raw, what, ids)
+            else:
+                sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
+                                      ids=ids, what=what, keep=True)
+                raw = None
+        except BaseException:
+            for p, had in zip(params, had_grad):   # as before the step: None, or zeros (checked)
+                if not had:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+            raise
         self._pending = _Pending(ids, n, params, raw, sess.kept)
         return losses[:n].mean()
 
@@ -235,6 +269,7 @@ class InRunShapley:
         try:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention:
                 losses = gp.check_losses(self.loss_fn(self.model, self.val), self.n_val)
+                gp.check_finite_losses(losses, 0, what=f"InRunShapley step {self.steps} (validation pass)")
                 grads = torch.autograd.grad(losses.mean(), params, allow_unused=True,
                                             create_graph=hvp is not None)
                 hv = None
