@@ -35,6 +35,7 @@ from . import ghost_pass as gp
 from . import products
 from .batch import batch_size
 from .estimators import StepContext, make_estimator
+from .layers.dropout import functional_dropouts
 from .ledger import ValueLedger, check_ids
 from .updates import make_update
 
@@ -162,6 +163,7 @@ class InRunShapley:
         what = f"InRunShapley step {self.steps}"
         try:
             if self.estimator.in_backward(self.update, params):
+                self._warn_functional_dropout()
                 scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
                 sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
                                       ids=ids, what=what, dot=True, dot_scale=scale)
@@ -180,6 +182,20 @@ class InRunShapley:
             raise
         self._pending = _Pending(ids, n, params, raw, sess.kept)
         return losses[:n].mean()
+
+    def _warn_functional_dropout(self) -> None:
+        """Validation rows join this pass: dropout applied functionally would reach them."""
+        if getattr(self, "_dropout_checked", False):
+            return
+        self._dropout_checked = True
+        found = functional_dropouts(self.model)
+        if found:
+            warnings.warn(
+                f"inrun_kernels: {found[:4]}{' ...' if len(found) > 4 else ''} apply dropout inside "
+                "their forward, which cannot be limited to the training rows: with estimator='first' "
+                "and an SGD-type update the validation rows join the training pass and get that "
+                "dropout too. Set it to 0, or use estimator='midpoint' (its validation pass runs in "
+                "eval mode)", stacklevel=3)
 
     def commit(self) -> Tensor | None:
         """Record the pending step's values against p.grad as it stands now (what the optimizer
@@ -254,8 +270,9 @@ class InRunShapley:
     def _val_grads(self, shift: Callable[[nn.Parameter], Tensor] | None = None,
                    hvp: dict[int, Tensor] | None = None):
         """Gradient of the mean validation loss at w (+ shift), and with `hvp` the Hessian-vector
-        product H_val u. A plain forward+backward of the validation rows (no ghost session), RNG
-        forked so training randomness is unchanged; parameters restored bit-exactly; .grad untouched."""
+        product H_val u. A plain forward+backward of the validation rows (no ghost session) in
+        eval mode (the model as evaluated: no dropout), RNG forked so training randomness is
+        unchanged; parameters and train/eval flags restored exactly; .grad untouched."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         saved = None
         if shift is not None:
@@ -264,6 +281,9 @@ class InRunShapley:
                 for p in params:
                     p.add_(shift(p).to(p.dtype))
         devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
+        # the validation gradient of the model as evaluated: eval mode (no dropout), flags restored
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
         # fused attention kernels have no double backward; the math one does (same values)
         attention = sdpa_kernel([SDPBackend.MATH]) if hvp is not None else contextlib.nullcontext()
         try:
@@ -277,6 +297,8 @@ class InRunShapley:
                     live = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
                     hv = _hessian_vector(live, params, hvp)
         finally:
+            for m, mode in modes:
+                m.training = mode
             if saved is not None:
                 with torch.no_grad():
                     for p, s in zip(params, saved):

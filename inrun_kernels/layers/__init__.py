@@ -3,6 +3,7 @@ from .linear import GhostLinear
 from .embedding import GhostEmbedding
 from .norm import GhostLayerNorm, GhostRMSNorm
 from . import conv1d  # noqa: F401  (matches transformers' Conv1D by class)
+from . import dropout  # noqa: F401  (training rows only inside a session)
 from .attention import GhostMultiheadAttention
 from .registry import GhostModule, Rule, lookup, register, register_rule, registered_types
 
