@@ -3,7 +3,8 @@
 Parameters stay the same objects under the same names (state_dict keys unchanged), so
 optimizers built before patching keep working. What cannot be covered fails loudly: a module
 with trainable parameters and no rule is an error naming it (strict=False: a warning and a
-coverage report), and a batch-coupling layer (BatchNorm in training mode) is always an error.
+coverage report), and a batch-coupling layer (BatchNorm in training mode, or without running
+statistics) is always an error; BatchNorm in eval mode is covered (layers/batchnorm.py).
 """
 from __future__ import annotations
 
@@ -40,15 +41,33 @@ class Coverage:
         return "\n".join(lines)
 
 
+def batch_coupling_error(name: str, mod: nn.Module) -> BatchCouplingError | None:
+    """The error for a module that mixes the samples of a batch in forward, or None: BatchNorm
+    in training mode, or with track_running_stats=False (batch statistics in eval mode too)."""
+    if not isinstance(mod, nn.modules.batchnorm._BatchNorm):
+        return None
+    cls = mod.__dict__.get("_inrun_orig_class", type(mod))   # a patched layer: its own class
+    where = f"module '{name or '<root>'}' ({cls.__name__})"
+    if mod.training:
+        why = "is in training mode: BatchNorm normalises with batch statistics"
+    elif mod.running_mean is None or mod.running_var is None:
+        why = ("has no running statistics (track_running_stats=False): it normalises with batch "
+               "statistics even in eval mode")
+    else:
+        return None
+    return BatchCouplingError(
+        f"{where} {why}, which couples the samples of a batch, so per-sample gradients are not "
+        "defined. Put it in eval mode with running statistics (model.apply(freeze_bn)); then "
+        "its affine weight and bias are covered exactly. Or replace it with GroupNorm/LayerNorm.")
+
+
 def check_batch_coupling(model: nn.Module) -> None:
-    """BatchNorm in training mode mixes samples in forward: per-sample values would be wrong."""
+    """BatchNorm in training mode (or without running statistics) mixes samples in forward:
+    per-sample values would be wrong. In eval mode with running statistics it is per sample."""
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.training:
-            raise BatchCouplingError(
-                f"module '{name or '<root>'}' ({type(mod).__name__}) is in training mode: BatchNorm "
-                "normalises with batch statistics, which couples the samples of a batch, so "
-                "per-sample gradients are not defined. Put it in eval mode (model.apply(freeze_bn)) "
-                "or replace it with GroupNorm/LayerNorm.")
+        err = batch_coupling_error(name, mod)
+        if err is not None:
+            raise err
 
 
 def _walk(model: nn.Module):
