@@ -169,6 +169,9 @@ def pad_to(batch: dict, length: int, pad_values: Mapping[str, Any] | int | None 
     if length < T:
         raise ValueError(f"pad_to: the batch is {T} long, more than length={length}; it is never "
                          "truncated")
+    if length > T and "attention_mask" not in batch and isinstance(batch.get("input_ids"), Tensor):
+        # the padded tokens must be masked (and out of the labels causal_lm_loss derives)
+        batch = {**batch, "attention_mask": torch.ones_like(batch["input_ids"])}
     out = {}
     for k, t in batch.items():
         if length == T or not _paddable(batch, k, T):

@@ -33,10 +33,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import ghost_pass as gp
 from . import products
-from .batch import batch_size
+from .batch import batch_size, check_same_structure, pad_common
 from .estimators import StepContext, make_estimator
 from .layers.dropout import functional_dropouts
-from .ledger import ValueLedger, check_ids
+from .ledger import ValueLedger, atomic_save, check_ids
 from .updates import make_update
 
 
@@ -109,7 +109,7 @@ class InRunShapley:
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
-                 update: str = "optimizer", strict: bool = True):
+                 update: str = "optimizer", strict: bool = True, pad_values=None):
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
         self.model = gp.ensure_patched(model, strict=strict)
@@ -117,8 +117,11 @@ class InRunShapley:
         self.loss_fn = loss_fn
         self.val = val
         self.n_val = batch_size(val, "val")
-        if self.n_val < 1:
-            raise ValueError("the validation batch is empty: values need at least one validation row")
+        # HF dict batches of another sequence length than the validation batch are right-padded
+        # to a common one (input_ids with this pad id, attention_mask 0, labels -100)
+        if pad_values is None:
+            pad_values = getattr(getattr(model, "config", None), "pad_token_id", None)
+        self.pad_values = pad_values
         _check_optimizer_holds(model, optimizer)
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
@@ -153,8 +156,7 @@ class InRunShapley:
             raise RuntimeError("InRunShapley.step: the model is no longer patched (ik.unpatch was called "
                                "after the engine was built); every value would be 0. Build a new engine")
         n = batch_size(train, "train")
-        if n < 1:
-            raise ValueError("InRunShapley.step: the training batch is empty")
+        check_same_structure(train, self.val)
         ids = check_ids(ids, n, self.ledger.num_samples)
         self.update.refresh()
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -165,7 +167,8 @@ class InRunShapley:
             if self.estimator.in_backward(self.update, params):
                 self._warn_functional_dropout()
                 scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
-                sess, losses = gp.run(self.model, self.loss_fn, train, self.val, train_grad=True,
+                train, val = pad_common(train, self.val, self.pad_values)
+                sess, losses = gp.run(self.model, self.loss_fn, train, val, train_grad=True,
                                       ids=ids, what=what, dot=True, dot_scale=scale)
                 raw = sess.result("dot").to(torch.float64)
                 gp.check_finite(raw, what, ids)
@@ -307,13 +310,30 @@ class InRunShapley:
         g_val = {id(p): (zeros(p) if g is None else g.detach()) for p, g in zip(params, grads)}
         return g_val, hv
 
+    def set_val(self, val: Any) -> None:
+        """Replace the validation batch (any number of rows) between steps."""
+        if self._pending is not None:
+            raise RuntimeError("set_val: a step is pending; call optimizer.step() (or commit()) first")
+        n = batch_size(val, "val")
+        self.val, self.n_val = val, n
+
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Values, counts and the number of committed steps (plain tensors and ints)."""
         return {"ledger": self.ledger.state_dict(), "steps": self.steps}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a state_dict; a different num_samples is an error and changes nothing."""
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
+
+    def save(self, path: str) -> None:
+        """Crash-safe save of state_dict() (temp file beside `path`, fsync, rename)."""
+        atomic_save(self.state_dict(), path)
+
+    def load(self, path: str) -> None:
+        """Load what save() wrote into this engine."""
+        self.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
 
 
 def _hessian_vector(live: list[tuple[Tensor, nn.Parameter]], params: list[nn.Parameter],
