@@ -132,10 +132,12 @@ class InRunShapley:
 
     @property
     def values(self) -> Tensor:
+        """float64 [num_samples]: each sample's values summed over the committed steps."""
         return self.ledger.values
 
     @property
     def counts(self) -> Tensor:
+        """long [num_samples]: in how many committed steps each sample appeared."""
         return self.ledger.counts
 
     def close(self) -> None:
