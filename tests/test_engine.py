@@ -207,3 +207,33 @@ def test_a_gradient_left_from_before_the_step_is_an_error():
     eng.step(train, torch.arange(4))
     opt.step()
     assert eng.steps == 1
+
+
+@pytest.mark.parametrize("update,estimator", [("sgd", "first"), ("optimizer", "first"), ("optimizer", "midpoint")])
+def test_non_reentrant_checkpointing_gives_the_same_values(update, estimator):
+    from torch.utils.checkpoint import checkpoint
+
+    class Ck(nn.Module):
+        def __init__(self, ck):
+            super().__init__()
+            self.fc, self.head, self.ck = nn.Linear(9, 9), nn.Linear(9, 3), ck
+            self.attn = nn.MultiheadAttention(9, 3, batch_first=True)
+
+        def forward(self, x):
+            def f(z):
+                return torch.tanh(self.fc(z)) + self.attn(z, z, z, need_weights=False)[0]
+            return self.head((checkpoint(f, x, use_reentrant=False) if self.ck else f(x)).mean(1))
+
+    g = torch.Generator().manual_seed(1)
+    tr = (torch.randn(4, 7, 9, generator=g, dtype=torch.float64), torch.randint(0, 3, (4,), generator=g))
+    va = (torch.randn(2, 7, 9, generator=g, dtype=torch.float64), torch.randint(0, 3, (2,), generator=g))
+    out = []
+    for ck in (False, True):
+        torch.manual_seed(0)
+        m = Ck(ck).double()
+        opt = torch.optim.AdamW(m.parameters(), lr=0.01)
+        eng = ik.InRunShapley(m, opt, ce_loss, va, num_samples=4, update=update, estimator=estimator)
+        eng.step(tr, torch.arange(4))
+        opt.step()
+        out.append(eng.values)
+    assert rel_err(out[1], out[0]) < 1e-12

@@ -57,8 +57,8 @@ class _GhostInProjFn(torch.autograd.Function):
         G = len(widx)
         xs, ws = tensors[:G], tensors[G:]
         sess.note_forward(*ws, bias)
-        ctx.save_for_backward(*tensors)
-        ctx.sess, ctx.name, ctx.plan, ctx.bias, ctx.G = sess, name, plan, bias, G
+        ctx.save_for_backward(*xs)   # the weights on ctx: kept as the Parameter objects (see linear.py)
+        ctx.sess, ctx.name, ctx.plan, ctx.bias, ctx.G, ctx.ws = sess, name, plan, bias, G, ws
         outs = []
         for g in range(G):
             w = ws[widx[g]]
@@ -71,8 +71,7 @@ class _GhostInProjFn(torch.autograd.Function):
     def backward(ctx, *gys):
         widx, wrows, orows = ctx.plan
         G, sess, bias = ctx.G, ctx.sess, ctx.bias
-        saved = ctx.saved_tensors
-        xs, ws = saved[:G], saved[G:]
+        xs, ws = ctx.saved_tensors, ctx.ws
         wslice = [ws[widx[g]] if wrows[g] is None else ws[widx[g]][wrows[g][0]:wrows[g][1]]
                   for g in range(G)]
         gys = [torch.zeros(xs[g].shape[:-1] + (orows[g][1] - orows[g][0],), dtype=xs[g].dtype,

@@ -53,13 +53,16 @@ class _GhostLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, sess, name, batch_dim):
         sess.note_forward(weight, bias)
-        ctx.save_for_backward(x, weight)
-        ctx.sess, ctx.name, ctx.batch_dim, ctx.bias = sess, name, batch_dim, bias
+        # the Parameter itself on ctx, not among the saved tensors: the session keys parameters
+        # by identity, and saved-tensor hooks (non-reentrant checkpointing) return new objects
+        ctx.save_for_backward(x)
+        ctx.sess, ctx.name, ctx.batch_dim, ctx.weight, ctx.bias = sess, name, batch_dim, weight, bias
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        (x,) = ctx.saved_tensors
+        weight = ctx.weight
         gx = gy @ weight.to(gy.dtype) if ctx.needs_input_grad[0] else None
         gw, gb = linear_backward(ctx.sess, ctx.name, x, gy, weight, ctx.bias, ctx.batch_dim,
                                  ctx.needs_input_grad[1], ctx.needs_input_grad[2])
