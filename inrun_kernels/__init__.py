@@ -15,6 +15,7 @@ from .patch import BatchCouplingError, UnsupportedModuleError, coverage, patch, 
 from .session import ghost_session
 from .shapley import InRunShapley
 from .updates import UPDATES, UnsupportedOptimizerError
+from .verify import VerificationError, verify
 
 __version__ = "0.1.0"
 
@@ -22,4 +23,4 @@ __all__ = ["grad_dot", "grad_gram", "grad_norms", "GhostLinear", "register", "Va
            "temp_budget", "BatchCouplingError", "UnsupportedModuleError", "coverage", "patch",
            "unpatch", "ghost_session", "InRunShapley", "hf", "causal_lm_loss",
            "sequence_classification_loss", "ESTIMATORS", "UPDATES", "UnsupportedOptimizerError",
-           "fidelity_check", "FidelityReport"]
+           "fidelity_check", "FidelityReport", "verify", "VerificationError"]
