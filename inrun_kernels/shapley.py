@@ -38,6 +38,7 @@ from .estimators import StepContext, make_estimator
 from .layers.dropout import functional_dropouts
 from .ledger import ValueLedger, atomic_save, check_ids
 from .updates import make_update
+from .verify import verify as verify_model
 
 
 class _Pending:
@@ -105,11 +106,14 @@ class InRunShapley:
     step; the most faithful), "second" (validation Hessian-vector product; needs double
     backward). update: "optimizer" (the update your optimizer really applies: SGD with momentum/
     nesterov/weight decay/maximize, Adam, AdamW) or "sgd" (the paper's SGD-form value).
-    See README "Which estimator"."""
+    verify=True (default): the first step first runs ik.verify on a few of its rows (a one-off
+    cost below one engine step) and raises VerificationError with a diagnosis if the ghost
+    products disagree with plain autograd. See README "Which estimator"."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
-                 update: str = "optimizer", strict: bool = True, pad_values=None):
+                 update: str = "optimizer", strict: bool = True, pad_values=None,
+                 verify: bool = True):
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
         self.model = gp.ensure_patched(model, strict=strict)
@@ -122,6 +126,7 @@ class InRunShapley:
         if pad_values is None:
             pad_values = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_values = pad_values
+        self._verify_pending = verify   # ik.verify on the first step's rows, once
         _check_optimizer_holds(model, optimizer)
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
@@ -178,6 +183,10 @@ class InRunShapley:
                 sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
                                       ids=ids, what=what, keep=True)
                 raw = None
+            if self._verify_pending:   # one-off self-check against plain autograd (restores all state)
+                verify_model(self.model, self.loss_fn, *pad_common(train, self.val, self.pad_values),
+                             allow_uncovered=True)
+                self._verify_pending = False
         except BaseException:
             for p, had in zip(params, had_grad):   # as before the step: None, or zeros (checked)
                 if not had:

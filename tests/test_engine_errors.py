@@ -101,3 +101,22 @@ def test_a_step_that_raises_leaves_every_grad_as_before():
     with pytest.raises(RuntimeError, match="boom"):
         eng.step(make_data(4, (17,), 5, seed=1), torch.arange(4))
     assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+
+
+class _Mixing(MLP):
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.head(torch.tanh(self.fc2(h - h.mean(0))))   # mixes the samples of the batch
+
+
+def test_first_step_self_check_catches_sample_mixing_and_can_be_skipped():
+    model = _Mixing().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eng = ik.InRunShapley(model, opt, ce_loss, make_data(2, (17,), 5, seed=2))
+    with pytest.raises(ik.VerificationError, match="mix"):
+        eng.step(make_data(4, (17,), 5, seed=1), torch.arange(4))
+    _unchanged(model, eng)
+    eng = ik.InRunShapley(model, opt, ce_loss, make_data(2, (17,), 5, seed=2), verify=False)
+    eng.step(make_data(4, (17,), 5, seed=1), torch.arange(4))   # the user's call: no check
+    opt.step()
+    assert eng.steps == 1
