@@ -119,8 +119,7 @@ class InRunShapley:
         self.model = gp.ensure_patched(model, strict=strict)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self.val = val
-        self.n_val = batch_size(val, "val")
+        self._val, self.n_val = val, batch_size(val, "val")
         # HF dict batches of another sequence length than the validation batch are right-padded
         # to a common one (input_ids with this pad id, attention_mask 0, labels -100)
         if pad_values is None:
@@ -321,12 +320,21 @@ class InRunShapley:
         g_val = {id(p): (zeros(p) if g is None else g.detach()) for p, g in zip(params, grads)}
         return g_val, hv
 
+    @property
+    def val(self) -> Any:
+        """The validation batch; assigning it is set_val."""
+        return self._val
+
+    @val.setter
+    def val(self, batch: Any) -> None:
+        self.set_val(batch)
+
     def set_val(self, val: Any) -> None:
         """Replace the validation batch (any number of rows) between steps."""
         if self._pending is not None:
             raise RuntimeError("set_val: a step is pending; call optimizer.step() (or commit()) first")
         n = batch_size(val, "val")
-        self.val, self.n_val = val, n
+        self._val, self.n_val = val, n
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -66,7 +66,7 @@ def test_non_finite_losses_name_their_rows_and_change_nothing(estimator):
     _unchanged(model, eng)
     xv, yv = make_data(3, (17,), 5, seed=3)
     xv[2, 3] = float("nan")
-    eng.val, eng.n_val = (xv, yv), 3
+    eng.val = (xv, yv)   # assigning is set_val: the row count follows
     with pytest.raises(FloatingPointError, match=r"validation rows \[2\]") as err:
         eng.step(make_data(4, (17,), 5, seed=1), torch.arange(4))
         opt.step()   # midpoint: the validation pass runs at commit

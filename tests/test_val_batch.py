@@ -30,6 +30,8 @@ def test_set_val_replaces_the_validation_batch_with_any_row_count():
     assert rel_err(eng.last_values, want) < 1e-10
     with pytest.raises(ValueError, match="empty"):
         eng.set_val(make_data(0, (17,), 5))
+    eng.val = make_data(2, (17,), 5, seed=5)   # plain assignment is set_val too
+    assert eng.n_val == 2
 
 
 @pytest.mark.parametrize("val_T,train_T", [(5, 9), (9, 6)])
