@@ -154,6 +154,7 @@ class FidelityReport:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
+        """Plain Python numbers and lists (for JSON)."""
         return {"exact": self.exact.tolist(), "values": {k: v.tolist() for k, v in self.values.items()},
                 "metrics": self.metrics, "utility": self.utility, "val_loss": self.val_loss,
                 "drop": self.drop, "n": self.n, "utility_empty": self.utility_empty,

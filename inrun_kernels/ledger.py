@@ -190,6 +190,7 @@ class ValueLedger:
             self.counts = torch.cat([self.counts, torch.zeros(extra, dtype=torch.long)])
 
     def add(self, ids, values: Tensor) -> None:
+        """Add one step's values [n] to the samples `ids` [n] (duplicates add twice)."""
         ids = check_ids(ids, values.shape[0], self.num_samples)
         values = values.detach().to("cpu", torch.float64)
         if not torch.isfinite(values).all():
@@ -201,6 +202,7 @@ class ValueLedger:
         self.counts.index_add_(0, ids, torch.ones_like(ids))
 
     def state_dict(self) -> dict:
+        """values, counts and num_samples (copies)."""
         return {"values": self.values.clone(), "counts": self.counts.clone(),
                 "num_samples": self.num_samples}
 

@@ -74,6 +74,7 @@ class GhostLinear(GhostModule, nn.Linear):
     """Drop-in nn.Linear. Outside a ghost session it IS nn.Linear (same call, same gradients)."""
 
     def forward(self, input: Tensor) -> Tensor:
+        """F.linear outside a session; inside, the ghost op (same output)."""
         sess = _session.current()
         if sess is None:
             return F.linear(input, self.weight, self.bias)

@@ -31,6 +31,8 @@ def temp_budget_elems(bytes_per_elem: int = 4) -> int:
 
 @contextlib.contextmanager
 def temp_budget(mb: float):
+    """Context manager: bound every ghost temporary to `mb` MiB inside the block (overrides
+    INRUN_TEMP_MB, default 256)."""
     if mb <= 0:
         raise ValueError(f"temp_budget needs a positive size in MiB, got {mb}")
     _override.append(float(mb))
