@@ -114,19 +114,21 @@ class InRunShapley:
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
                  update: str = "optimizer", strict: bool = True, pad_values=None,
                  verify: bool = True):
+        # every argument is checked before the model is patched: a refused engine changes nothing
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
+        self._val, self.n_val = val, batch_size(val, "val")
+        _check_optimizer_holds(model, optimizer)
         self.model = gp.ensure_patched(model, strict=strict)
         self.optimizer = optimizer
         self.loss_fn = loss_fn
-        self._val, self.n_val = val, batch_size(val, "val")
         # HF dict batches of another sequence length than the validation batch are right-padded
         # to a common one (input_ids with this pad id, attention_mask 0, labels -100)
         if pad_values is None:
             pad_values = getattr(getattr(model, "config", None), "pad_token_id", None)
         self.pad_values = pad_values
         self._verify_pending = verify   # ik.verify on the first step's rows, once
-        _check_optimizer_holds(model, optimizer)
+        self._dropout_checked = False   # functional dropout looked for, once
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
         self.last_values: Tensor | None = None
@@ -198,7 +200,7 @@ class InRunShapley:
 
     def _warn_functional_dropout(self) -> None:
         """Validation rows join this pass: dropout applied functionally would reach them."""
-        if getattr(self, "_dropout_checked", False):
+        if self._dropout_checked:
             return
         self._dropout_checked = True
         found = functional_dropouts(self.model)

@@ -120,3 +120,17 @@ def test_first_step_self_check_catches_sample_mixing_and_can_be_skipped():
     eng.step(make_data(4, (17,), 5, seed=1), torch.arange(4))   # the user's call: no check
     opt.step()
     assert eng.steps == 1
+
+
+def test_a_refused_engine_leaves_the_model_unpatched():
+    from inrun_kernels.patch import is_patched
+    model = MLP().double()
+    for kw in ({"estimator": "bogus"}, {"update": "bogus"}):
+        with pytest.raises(ValueError):
+            ik.InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss,
+                            make_data(2, (17,), 5), **kw)
+    with pytest.raises(ValueError, match="empty"):
+        ik.InRunShapley(model, torch.optim.SGD(model.parameters(), lr=0.1), ce_loss, make_data(0, (17,), 5))
+    with pytest.raises(ValueError, match="holds none"):
+        ik.InRunShapley(model, torch.optim.SGD(MLP().parameters(), lr=0.1), ce_loss, make_data(2, (17,), 5))
+    assert not is_patched(model) and type(model.fc1) is nn.Linear
