@@ -4,9 +4,9 @@
 # package is used from this checkout via PYTHONPATH (or an existing `pip install -e .`).
 # Results go to $OUT (default ./gpu_out): pytest log, nvidia-smi, bench_kernels.{md,json}.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--full]
-# Default: sized for a 15-minute device session (start-up included): at most ~9 minutes of
-# commands (tests 150 s, kernel benchmark --quick 180 s, step benchmark M=1 180 s, estimator
-# cost 150 s).
+# Default: sized for a 15-minute device session (start-up included): at most ~9.5 minutes of
+# commands (tests 150 s, kernel benchmark --quick 150 s, step benchmark M=1 150 s, estimator
+# cost 120 s).
 # --full: every shape of the kernel benchmark and M in {1,4} with memory probes (~20 min).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +19,7 @@ MODE="${1:-}"
 if [ "$MODE" = "--full" ]; then
   QUICK=""; T_TEST=420; T_BENCH=480; T_STEP=420
 else
-  QUICK="--quick"; T_TEST=150; T_BENCH=180; T_STEP=180
+  QUICK="--quick"; T_TEST=150; T_BENCH=150; T_STEP=150
 fi
 
 { nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
@@ -57,7 +57,7 @@ python -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.
 # 4) estimator cost (issue 8's GPU target: midpoint >= 70% of plain throughput, i.e. a step
 #    ratio <= 1.43): plain / concat / first (sgd, optimizer) / midpoint / second, GPT-2 small,
 #    T=1024, N=16, M=1, bf16 autocast, AdamW. Default: 3 rounds, no memory probes.
-if [ "$QUICK" = "--quick" ]; then EST_ARGS=(--rounds 3 --no-memory); T_EST=150; else EST_ARGS=(); T_EST=420; fi
+if [ "$QUICK" = "--quick" ]; then EST_ARGS=(--rounds 3 --no-memory); T_EST=120; else EST_ARGS=(); T_EST=420; fi
 timeout $T_EST python -m benchmarks.run --estimators "${EST_ARGS[@]}" \
     --config n_layer=12,d=768,n_head=12,vocab=50257,T=1024,N=16,M=1,autocast=bf16,device=cuda \
     --out "$OUT/estimators_gpu.json" 2>&1 | tee "$OUT/estimators_log.txt"
