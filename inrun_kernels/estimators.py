@@ -22,6 +22,7 @@ computed lazily so only one parameter's float64 temporaries live at a time.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -78,6 +79,16 @@ class Second(Estimator):
 
     def prepare(self, ctx):
         um = ctx.update
+        # Adam's map has a kink at g = 0 where exp_avg_sq is 0 (its first step, rows that never
+        # had a gradient): no second-order expansion there; those coordinates take the first-
+        # order secant value instead (finite, exact at both ends of the step), with a warning
+        kinks = {id(p): k & (ctx.x_of(p) != 0) for p in ctx.params
+                 if (k := um.kinked_at_zero(p)) is not None}
+        kinks = {key: k for key, k in kinks.items() if bool(k.any())}
+        if kinks:
+            warnings.warn("estimator='second': the optimizer's update has a kink at g = 0 where "
+                          "exp_avg_sq is 0 (Adam's first step); those coordinates use the first-order "
+                          "secant value. estimator='midpoint' is defined everywhere", stacklevel=4)
 
         def zero(p):
             return torch.zeros(p.shape, dtype=torch.float64, device=p.device)
@@ -90,7 +101,9 @@ class Second(Estimator):
         def vector(p):
             x, gv = ctx.x_of(p), g_val[id(p)].to(torch.float64)
             d1 = um.d1(p, zero(p))
-            return -d1 * (gv + hu[id(p)].to(torch.float64)) - 0.5 * um.d2(p, zero(p)) * x * gv
+            V = -d1 * (gv + hu[id(p)].to(d1.dtype)) - 0.5 * um.d2(p, zero(p)) * x * gv
+            kink = kinks.get(id(p))
+            return V if kink is None else torch.where(kink, um.secant(p, x) * gv, V)
         return vector
 
 

@@ -48,11 +48,12 @@ def check_losses(losses: Any, rows: int) -> Tensor:
 
 
 def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
-        train_grad: bool, ids: Tensor | None = None, what: str = "ghost pass",
-        **session_kwargs) -> tuple[GhostSession, Tensor]:
+        train_grad: bool, grad_scale: float | None = None, ids: Tensor | None = None,
+        what: str = "ghost pass", **session_kwargs) -> tuple[GhostSession, Tensor]:
     """Returns the finished session and the per-sample losses (detached).
 
-    train_grad=True: afterwards every p.grad is as after loss_fn(model, train).mean().backward().
+    train_grad=True: every p.grad is as after (grad_scale * loss_fn(model, train).sum()).backward(),
+    grad_scale 1/N by default (the mean training loss; 1/(N k) under accumulation).
     train_grad=False: every p.grad is left as it was.
     ids / what: how errors name the training rows and the step."""
     if not torch.is_grad_enabled():
@@ -65,9 +66,12 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
     params = [p for p in model.parameters() if p.requires_grad]
     saved = None if train_grad else [p.grad for p in params]
     others = uncovered_params(model)
-    others_saved = [p.grad for p in others]
+    # copies: the joint backward may accumulate into an existing .grad in place
+    others_saved = [None if p.grad is None else p.grad.clone() for p in others]
     names = param_names(model)
-    with ghost_session(n, m, grad_scale=1.0 / n if train_grad else None,
+    if train_grad and grad_scale is None:
+        grad_scale = 1.0 / n
+    with ghost_session(n, m, grad_scale=grad_scale if train_grad else None,
                        names=names, **session_kwargs) as sess:
         losses = check_losses(loss_fn(model, batch), n + m)
         check_finite_losses(losses, n, ids, what)
@@ -79,7 +83,7 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
         for p, g in zip(others, others_saved):   # drop the validation rows' share
             p.grad = g
         if train_grad:
-            torch.autograd.backward(losses[:n].mean(), inputs=others)
+            torch.autograd.backward(losses[:n].sum() * grad_scale, inputs=others)
     if saved is not None:
         for p, g in zip(params, saved):
             p.grad = g

@@ -42,15 +42,32 @@ from .verify import verify as verify_model
 
 
 class _Pending:
-    """A step whose values wait for optimizer.step(): what the ghost pass produced."""
+    """The values of one optimizer step, waiting for optimizer.step(): one entry per micro-batch
+    (accumulation_steps > 1), and p.grad as the last of them left it."""
 
-    def __init__(self, ids: Tensor, n: int, params: list[nn.Parameter], raw: Tensor | None, kept: list):
-        self.ids, self.n, self.params = ids, n, params
-        self.raw = raw     # values computed in the backward (for c = 1), or None
-        self.kept = kept   # [(params, rep)] of the training rows, for the dense-V products
+    def __init__(self, params: list[nn.Parameter]):
+        self.params = params
+        self.ids: list[Tensor] = []
+        self.raw: list[Tensor] = []   # values computed in the backward (for c = 1), per micro-batch
+        self.kept: list = []          # [(params, rep, weight, row offset)] for the dense-V products
+        self.n = self.micro = 0
+
+    def add(self, ids: Tensor, raw: Tensor | None, kept: list, weight: float) -> None:
+        """One micro-batch: its ids, and either its values or its kept reps; a sample's share
+        of the step is weight * g_i (weight = 1 / (k * micro-batch size))."""
+        if raw is not None:
+            self.raw.append(raw)
+        self.kept += [(ps, rep, weight, self.n) for ps, rep in kept]
+        self.ids.append(ids)
+        self.n += ids.numel()
+        self.micro += 1
         # p.grad as the step left it: object, version and (sum, sum of squares) per parameter
-        self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in params]
-        self.fingerprint = _fingerprint(params)
+        self.grads = [(p.grad, None if p.grad is None else p.grad._version) for p in self.params]
+        self.fingerprint = _fingerprint(self.params)
+
+    @property
+    def all_ids(self) -> Tensor:
+        return torch.cat(self.ids)
 
 
 def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
@@ -113,8 +130,11 @@ class InRunShapley:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
                  update: str = "optimizer", strict: bool = True, pad_values=None,
-                 verify: bool = True):
+                 verify: bool = True, accumulation_steps: int = 1):
         # every argument is checked before the model is patched: a refused engine changes nothing
+        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self.accumulation_steps = accumulation_steps
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
         self._val, self.n_val = val, batch_size(val, "val")
@@ -155,11 +175,13 @@ class InRunShapley:
         """One forward and one backward; leaves p.grad as loss_fn(model, train).mean().backward()
         would. Returns the mean training loss (detached). The step's values are recorded when
         optimizer.step() runs next (or by commit())."""
-        if self._pending is not None:
+        k, pend = self.accumulation_steps, self._pending
+        if pend is not None and pend.micro >= k:
             raise RuntimeError(
-                "InRunShapley.step: the previous step's values are still pending: they are "
-                "committed by optimizer.step(), which values the update it really applies. Call "
-                "optimizer.step() after every eng.step() (or eng.commit() to record them now)")
+                f"InRunShapley.step: {pend.micro} micro-batch(es) of accumulation_steps={k} are in and "
+                "their values are pending: they are committed by optimizer.step(), which values the "
+                "update it really applies. Call optimizer.step() after every optimizer step's "
+                "eng.step() calls (or eng.commit() to record them now)")
         if not gp.is_patched(self.model):
             raise RuntimeError("InRunShapley.step: the model is no longer patched (ik.unpatch was called "
                                "after the engine was built); every value would be 0. Build a new engine")
@@ -168,34 +190,37 @@ class InRunShapley:
         ids = check_ids(ids, n, self.ledger.num_samples)
         self.update.refresh()
         params = [p for p in self.model.parameters() if p.requires_grad]
-        _check_no_stale_grad(params, self._names)
-        had_grad = [p.grad is not None for p in params]
+        if pend is None:   # a new optimizer step: .grad must be None or zero
+            _check_no_stale_grad(params, self._names)
+            before = [p.grad for p in params]
+        else:              # accumulating: keep copies to restore if this micro-batch fails
+            before = [None if p.grad is None else p.grad.clone() for p in params]
+        weight = 1.0 / (n * k)   # sample i's share of the step: weight * g_i
         what = f"InRunShapley step {self.steps}"
         try:
             if self.estimator.in_backward(self.update, params):
                 self._warn_functional_dropout()
-                scale = {p: self.update.constant_slope(p) / (n * self.n_val) for p in params}
+                scale = {p: self.update.constant_slope(p) * weight / self.n_val for p in params}
                 train, val = pad_common(train, self.val, self.pad_values)
                 sess, losses = gp.run(self.model, self.loss_fn, train, val, train_grad=True,
-                                      ids=ids, what=what, dot=True, dot_scale=scale)
+                                      grad_scale=weight, ids=ids, what=what, dot=True, dot_scale=scale)
                 raw = sess.result("dot").to(torch.float64)
                 gp.check_finite(raw, what, ids)
             else:
                 sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
-                                      ids=ids, what=what, keep=True)
+                                      grad_scale=weight, ids=ids, what=what, keep=True)
                 raw = None
             if self._verify_pending:   # one-off self-check against plain autograd (restores all state)
                 verify_model(self.model, self.loss_fn, *pad_common(train, self.val, self.pad_values),
                              allow_uncovered=True)
                 self._verify_pending = False
         except BaseException:
-            for p, had in zip(params, had_grad):   # as before the step: None, or zeros (checked)
-                if not had:
-                    p.grad = None
-                elif p.grad is not None:
-                    p.grad.zero_()
+            for p, g in zip(params, before):   # every .grad as before this call
+                p.grad = None if g is None else g.zero_() if pend is None else g
             raise
-        self._pending = _Pending(ids, n, params, raw, sess.kept)
+        if pend is None:
+            pend = self._pending = _Pending(params)
+        pend.add(ids, raw, sess.kept, weight)
         return losses[:n].mean()
 
     def _warn_functional_dropout(self) -> None:
@@ -219,12 +244,10 @@ class InRunShapley:
         if pend is None:
             return None
         c = self._rescale(pend)
-        if pend.raw is not None:
-            values = pend.raw * c
-        else:
-            values = self._dense_values(pend) * (c / pend.n)
-        gp.check_finite(values, f"InRunShapley step {self.steps}", pend.ids)
-        self.ledger.add(pend.ids, values)
+        ids = pend.all_ids
+        values = (torch.cat(pend.raw) if pend.raw else self._dense_values(pend)) * c
+        gp.check_finite(values, f"InRunShapley step {self.steps}", ids)
+        self.ledger.add(ids, values)
         self.last_values = values
         self.steps += 1
         return values
@@ -260,26 +283,27 @@ class InRunShapley:
                 "eng.step() and optimizer.step() in a way that is not one uniform rescale of all "
                 "gradients (clip_grad_norm_ is one; per-parameter or per-entry clipping is not), so "
                 f"the update no longer splits into per-sample shares. Nothing was recorded for ids "
-                f"{pend.ids.tolist()[:8]}{' ...' if pend.n > 8 else ''}")
+                f"{pend.all_ids.tolist()[:8]}{' ...' if pend.n > 8 else ''}")
         return c
 
     def _dense_values(self, pend: _Pending) -> Tensor:
-        """sum over kept reps of <g_i, V_p>, V from the estimator at the applied gradient."""
+        """weight_i * sum over kept reps of <g_i, V_p>, V from the estimator at the applied gradient
+        (c is applied by the caller)."""
         params = pend.params
         x = {id(p): (torch.zeros_like(p) if p.grad is None else p.grad.detach()) for p in params}
         ctx = StepContext(params, x, self.update, self._val_grads)
         vector = self.estimator.prepare(ctx)
         skip = {id(p) for p in gp.uncovered_params(self.model)}
         by_param: dict[tuple, list] = {}
-        for ps, rep in pend.kept:
+        for ps, rep, weight, row in pend.kept:
             if not any(id(p) in skip for p in ps):
-                by_param.setdefault(tuple(ps), []).append(rep)
+                by_param.setdefault(tuple(ps), []).append((rep, weight, row))
         values = torch.zeros(pend.n, dtype=torch.float64)
         with torch.no_grad():
             for ps, reps in by_param.items():
                 V = [vector(p) for p in ps]
-                for rep in reps:
-                    values += products.dense_dot(rep, *V).to("cpu", torch.float64)
+                for rep, weight, row in reps:
+                    values[row:row + rep.n] += weight * products.dense_dot(rep, *V).to("cpu", torch.float64)
         return values
 
     def _val_grads(self, shift: Callable[[nn.Parameter], Tensor] | None = None,

@@ -86,6 +86,10 @@ class UpdateMap:
     def constant_slope(self, p: nn.Parameter) -> float | None:
         return None
 
+    def kinked_at_zero(self, p: nn.Parameter) -> Tensor | None:
+        """Where Delta has no second derivative at g = 0 (bool, p's shape), or None if nowhere."""
+        return None
+
     def secant(self, p: nn.Parameter, g: Tensor) -> Tensor:
         g = _as(g, p)
         s = self.constant_slope(p)
@@ -188,6 +192,18 @@ class AdamMap(UpdateMap):
         return dict(lr=self.lr(p), b1=b1, b2=b2, bc1=1.0 - b1 ** t, bc2=1.0 - b2 ** t, eps=float(grp["eps"]),
                     m=m, v=v, vmax=vmax, l2=(wd * _as(p, p) if wd and not decoupled else None),
                     wd_dec=(wd if decoupled else 0.0), sign=self.sign(p))
+
+    def kinked_at_zero(self, p):
+        """Coordinates with v' = 0 at g = 0 (no gradient yet: Adam's first step, unused rows):
+        there Delta(g) ~ -lr sign(g), not twice differentiable at 0."""
+        if self.group(p) is None:
+            return None
+        c = self._consts(p)
+        y0 = torch.zeros_like(c["m"]) if c["l2"] is None else c["l2"]
+        v0 = torch.addcmul(c["v"] * c["b2"], y0, y0, value=1 - c["b2"])
+        if c["vmax"] is not None:
+            v0 = torch.maximum(c["vmax"], v0)
+        return v0 == 0
 
     @staticmethod
     def _y(c, g):
