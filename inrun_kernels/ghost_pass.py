@@ -49,13 +49,16 @@ def check_losses(losses: Any, rows: int) -> Tensor:
 
 def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
         train_grad: bool, grad_scale: float | None = None, ids: Tensor | None = None,
-        what: str = "ghost pass", **session_kwargs) -> tuple[GhostSession, Tensor]:
+        what: str = "ghost pass", forward_model: nn.Module | None = None,
+        **session_kwargs) -> tuple[GhostSession, Tensor]:
     """Returns the finished session and the per-sample losses (detached).
 
     train_grad=True: every p.grad is as after (grad_scale * loss_fn(model, train).sum()).backward(),
     grad_scale 1/N by default (the mean training loss; 1/(N k) under accumulation).
     train_grad=False: every p.grad is left as it was.
-    ids / what: how errors name the training rows and the step."""
+    ids / what: how errors name the training rows and the step.
+    forward_model: what loss_fn is called with when it is not `model` itself (a DDP or
+    torch.compile wrapper of it: their forward joins the gradient sync or the compiled graph)."""
     if not torch.is_grad_enabled():
         raise RuntimeError("inrun_kernels needs autograd, but this step runs under torch.no_grad() "
                            "or torch.inference_mode(); call it outside that context")
@@ -73,9 +76,9 @@ def run(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, *,
         grad_scale = 1.0 / n
     with ghost_session(n, m, grad_scale=grad_scale if train_grad else None,
                        names=names, **session_kwargs) as sess:
-        losses = check_losses(loss_fn(model, batch), n + m)
+        losses = check_losses(loss_fn(model if forward_model is None else forward_model, batch), n + m)
         check_finite_losses(losses, n, ids, what)
-        check_paths(losses, params, {id(p) for p in others}, names)
+        check_paths(losses, params, {id(p) for p in others}, names, session_kwargs.get("canonical"))
         losses.sum().backward(retain_graph=bool(others) and train_grad)
         sess.finish()
         sess.closed = True

@@ -20,6 +20,8 @@ against plain autograd.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import Tensor, nn
 
 _GHOST_MODULE_PREFIX = __name__.rsplit(".", 1)[0] + ".layers"
@@ -35,9 +37,10 @@ def _is_ghost(node) -> bool:
     return fwd is not None and getattr(fwd, "__module__", "").startswith(_GHOST_MODULE_PREFIX)
 
 
-def foreign_edges(losses: Tensor) -> dict[int, tuple[set[str], bool]]:
-    """{id(param): (names of non-ghost ops feeding its gradient, whether a ghost op does too)}
-    for every leaf reached from `losses`."""
+def foreign_edges(losses: Tensor, key: Callable[[Tensor], int] = id) -> dict[int, tuple[set[str], bool]]:
+    """{key(param): (names of non-ghost ops feeding its gradient, whether a ghost op does too)}
+    for every leaf reached from `losses` (key: id, or id of the parameter a leaf stands for, as
+    FSDP2's unsharded parameters stand for the sharded ones)."""
     out: dict[int, tuple[set[str], bool]] = {}
     seen = set()
     stack = [losses.grad_fn] if losses.grad_fn is not None else []
@@ -52,20 +55,20 @@ def foreign_edges(losses: Tensor) -> dict[int, tuple[set[str], bool]]:
                 continue
             var = getattr(nxt, "variable", None)   # AccumulateGrad: the leaf it feeds
             if var is not None:
-                ops, by_ghost = out.get(id(var), (set(), False))
+                ops, by_ghost = out.get(key(var), (set(), False))
                 if not ghost:
                     ops.add(type(node).__name__)
-                out[id(var)] = (ops, by_ghost or ghost)
+                out[key(var)] = (ops, by_ghost or ghost)
             elif nxt not in seen:
                 stack.append(nxt)
     return out
 
 
 def check_paths(losses: Tensor, params: list[nn.Parameter], uncovered: set[int],
-                names: dict[int, str]) -> None:
+                names: dict[int, str], canonical: Callable | None = None) -> None:
     """Raise GradientPathError if a covered parameter gets gradient from a non-ghost op, or an
     uncovered one from a ghost op too."""
-    edges = foreign_edges(losses)
+    edges = foreign_edges(losses, id if canonical is None else (lambda v: id(canonical(v))))
     problems = []
     for p in params:
         ops, by_ghost = edges.get(id(p), (set(), False))

@@ -32,7 +32,8 @@ class GhostSession:
     def __init__(self, n_train: int, n_val: int, *, dot: bool = False, per_val: bool = False,
                  gram: bool = False, norms: bool = False, grad_scale: float | None = None,
                  dot_scale: dict[nn.Parameter, float] | None = None,
-                 names: dict[int, str] | None = None, per_param: bool = False, keep: bool = False):
+                 names: dict[int, str] | None = None, per_param: bool = False, keep: bool = False,
+                 dense_v: dict[int, Tensor] | None = None, canonical=None):
         if n_train < 1:
             raise ValueError(f"a ghost session needs at least one training row, got {n_train}")
         if (dot or per_val) and n_val < 1:
@@ -62,6 +63,12 @@ class GhostSession:
         # dense vector known only after the backward (estimators.py): [(params, rep), ...]
         self.keep = keep
         self.kept: list[tuple[tuple[nn.Parameter, ...], object]] = []
+        # dense_v={id(param): V}: no validation rows; each use adds <g_i, V> to `dot` right away
+        # (dots with a dense vector are linear in g_i: a shared parameter needs no cross terms)
+        self.dense_v = dense_v
+        # the parameter a layer's tensor stands for (FSDP2: unsharded -> the optimizer's sharded
+        # one); parameters are keyed by what this returns
+        self._canon = canonical or (lambda p: p)
 
     # ---- called by layers ---------------------------------------------------------------
     @property
@@ -77,6 +84,7 @@ class GhostSession:
     def note_forward(self, *params) -> None:
         for p in params:
             if p is not None and p.requires_grad:
+                p = self._canon(p)
                 self._expected[id(p)] += 1
                 self._params[id(p)] = p
                 if p.dtype == torch.float64:
@@ -86,24 +94,30 @@ class GhostSession:
         """An embedding-type use of `weight` reads rows `ids` [rows, T] (in forward): lets an
         Outer use of the same (tied) weight keep only those columns for the cross terms."""
         if weight.requires_grad:
-            self._rows_ids[id(weight)].append(ids)
+            self._rows_ids[id(self._canon(weight))].append(ids)
 
     def is_shared(self, p: nn.Parameter) -> bool:
-        return self._expected.get(id(p), 0) > 1
+        return self._expected.get(id(self._canon(p)), 0) > 1
 
     def can_fuse(self, weight: nn.Parameter, bias: nn.Parameter | None) -> bool:
         """Weight and bias may go through one fused product (bias as +1 on the A-Gram)."""
         return (bias is not None and bias.requires_grad and not self.per_param
                 and not self.is_shared(weight) and not self.is_shared(bias)
-                and self._dot_scale.get(id(weight), 1.0) == self._dot_scale.get(id(bias), 1.0))
+                and self._dot_scale.get(id(self._canon(weight)), 1.0)
+                == self._dot_scale.get(id(self._canon(bias)), 1.0))
 
     def add(self, params: tuple, train_rep, val_rep) -> None:
         """Per-sample gradient reps of `params` (one parameter, or a fused weight+bias pair)."""
-        params = tuple(p for p in params if p is not None and p.requires_grad)
+        params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
         if not params:
             return
         if self.keep:   # a shared parameter's uses are kept separately: dots are linear in g_i
             self.kept.append((params, _detached(train_rep)))
+            return
+        if self.dense_v is not None:
+            V = [self.dense_v.get(id(p)) for p in params]
+            if all(v is not None for v in V):   # (None: a parameter without a share of the values)
+                self._add_total("dot", products.dense_dot(train_rep, *V).double())
             return
         for p in params:
             self._seen[id(p)] += 1

@@ -34,6 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import ghost_pass as gp
 from . import products
 from .batch import batch_size, check_same_structure, pad_common
+from .distributed import ParamAliases, data_parallel, full, unwrap
 from .estimators import StepContext, make_estimator
 from .layers.dropout import functional_dropouts
 from .ledger import ValueLedger, atomic_save, check_ids
@@ -50,6 +51,7 @@ class _Pending:
         self.ids: list[Tensor] = []
         self.raw: list[Tensor] = []   # values computed in the backward (for c = 1), per micro-batch
         self.kept: list = []          # [(params, rep, weight, row offset)] for the dense-V products
+        self.v: dict | None = None    # the "prefetched" route's V, from the window's validation pass
         self.n = self.micro = 0
 
     def add(self, ids: Tensor, raw: Tensor | None, kept: list, weight: float) -> None:
@@ -74,7 +76,7 @@ def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
     """(sum, sum of squares) of each p.grad, float64, left on its device (no sync here)."""
     out = []
     for p in params:
-        g = None if p.grad is None else p.grad.detach()
+        g = None if p.grad is None else _local(p.grad.detach())
         out.append(None if g is None else torch.stack(
             [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]))
     return out
@@ -83,7 +85,7 @@ def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
 def _check_no_stale_grad(params: list[nn.Parameter], names: dict[int, str]) -> None:
     """A gradient left from before the step would be applied with this step's but valued by
     nobody: an error (one reduction, one sync, only when some .grad exists)."""
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [_local(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
     norms = torch._foreach_norm([g.detach() for g in grads])
@@ -111,6 +113,11 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
                       "they contribute nothing to the values", stacklevel=3)
 
 
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _on_cpu(fp: list[Tensor | None]) -> Tensor:
     rows = [torch.zeros(2, dtype=torch.float64) if t is None else t.cpu() for t in fp]
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
@@ -125,7 +132,11 @@ class InRunShapley:
     nesterov/weight decay/maximize, Adam, AdamW) or "sgd" (the paper's SGD-form value).
     verify=True (default): the first step first runs ik.verify on a few of its rows (a one-off
     cost below one engine step) and raises VerificationError with a diagnosis if the ghost
-    products disagree with plain autograd. See README "Which estimator"."""
+    products disagree with plain autograd. See README "Which estimator".
+
+    model may be wrapped in DistributedDataParallel, sharded by FSDP2's fully_shard, or
+    compiled (torch.compile): values then use the global batch, and every rank's ledger holds
+    every rank's samples (README "Distributed training")."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
@@ -138,8 +149,26 @@ class InRunShapley:
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
         self._val, self.n_val = val, batch_size(val, "val")
-        _check_optimizer_holds(model, optimizer)
-        self.model = gp.ensure_patched(model, strict=strict)
+        inner = unwrap(model)   # DDP's .module, torch.compile's ._orig_mod
+        _check_optimizer_holds(inner, optimizer)
+        self.dp = data_parallel(model, inner)
+        self.model = gp.ensure_patched(inner, strict=strict)
+        self._forward_model = model   # the training forward goes through the wrapper (grad sync)
+        uncovered = gp.uncovered_params(self.model)
+        if self.dp.active and uncovered:
+            names = {id(p): n for n, p in self.model.named_parameters()}
+            raise ValueError(
+                f"under {self.dp.kind} every trainable parameter must be covered by a ghost layer "
+                f"(uncovered: {[names[id(p)] for p in uncovered][:5]}): their exact gradient needs "
+                "a second backward, which the data-parallel gradient sync does not allow")
+        if self.dp.kind == "fsdp2" and self.estimator.name == "second":
+            raise ValueError("estimator='second' needs a Hessian-vector product, which FSDP2's "
+                             "sharded parameters do not give; use estimator='midpoint' (at least as "
+                             "accurate, no Hessian)")
+        self.dp.check_val(val, self.n_val)
+        self._aliases = ParamAliases(self.model, enabled=self.dp.kind == "fsdp2")
+        if self.dp.kind == "fsdp2":
+            verify = False   # ik.verify's batch-size-1 passes would all-gather per row; off
         self.optimizer = optimizer
         self.loss_fn = loss_fn
         # HF dict batches of another sequence length than the validation batch are right-padded
@@ -151,9 +180,10 @@ class InRunShapley:
         self._dropout_checked = False   # functional dropout looked for, once
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
-        self.last_values: Tensor | None = None
+        self.last_values: Tensor | None = None   # the last step's values, of the ids last_ids
+        self.last_ids: Tensor | None = None
         self._pending: _Pending | None = None
-        self._names = {id(p): n for n, p in model.named_parameters()}
+        self._names = {id(p): n for n, p in self.model.named_parameters()}
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     @property
@@ -169,6 +199,7 @@ class InRunShapley:
     def close(self) -> None:
         """Detach from the optimizer (no more commits at optimizer.step())."""
         self._hook.remove()
+        self._aliases.remove()
 
     # ---- one training step ------------------------------------------------------------------
     def step(self, train: Any, ids) -> Tensor:
@@ -195,20 +226,32 @@ class InRunShapley:
             before = [p.grad for p in params]
         else:              # accumulating: keep copies to restore if this micro-batch fails
             before = [None if p.grad is None else p.grad.clone() for p in params]
-        weight = 1.0 / (n * k)   # sample i's share of the step: weight * g_i
+        # sample i's share of the step: weight * g_i (the data-parallel gradient is the mean of
+        # the W ranks' gradients)
+        weight = 1.0 / (n * k * self.dp.world)
+        grad_scale = 1.0 / (n * k)   # .grad before the sync: this rank's mean (/ k)
         what = f"InRunShapley step {self.steps}"
+        run = dict(forward_model=self._forward_model, grad_scale=grad_scale, ids=ids, what=what,
+                   canonical=self._aliases.canonical if self._aliases else None)
+        route = self._route(params)
         try:
-            if self.estimator.in_backward(self.update, params):
+            if route == "prefetched":   # V = slope (.) g_val, from one validation pass per window
+                v = pend.v if pend is not None else self._prefetch_v(params)
+                sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
+                                      dense_v=v, **run)
+                raw = sess.result("dot").to(torch.float64) * weight
+                gp.check_finite(raw, what, ids)
+            elif route == "joined":
                 self._warn_functional_dropout()
                 scale = {p: self.update.constant_slope(p) * weight / self.n_val for p in params}
                 train, val = pad_common(train, self.val, self.pad_values)
                 sess, losses = gp.run(self.model, self.loss_fn, train, val, train_grad=True,
-                                      grad_scale=weight, ids=ids, what=what, dot=True, dot_scale=scale)
+                                      dot=True, dot_scale=scale, **run)
                 raw = sess.result("dot").to(torch.float64)
                 gp.check_finite(raw, what, ids)
             else:
                 sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
-                                      grad_scale=weight, ids=ids, what=what, keep=True)
+                                      keep=True, **run)
                 raw = None
             if self._verify_pending:   # one-off self-check against plain autograd (restores all state)
                 verify_model(self.model, self.loss_fn, *pad_common(train, self.val, self.pad_values),
@@ -220,8 +263,27 @@ class InRunShapley:
             raise
         if pend is None:
             pend = self._pending = _Pending(params)
+            if route == "prefetched":
+                pend.v = v
         pend.add(ids, raw, sess.kept, weight)
         return losses[:n].mean()
+
+    def _route(self, params: list[nn.Parameter]) -> str:
+        """How this step's values are computed. "joined": the validation rows join the training
+        pass and the ghost backward computes per-parameter scalars times <g_i, g_val> by the
+        cheapest product route (first order with an SGD-type update, one micro-batch per step,
+        the same validation batch on every rank). "prefetched": the same values, but g_val comes
+        from one validation pass per optimizer step (accumulation, or validation rows sharded
+        across ranks) and the backward dots each sample with V = slope (.) g_val. "deferred":
+        V needs the whole step's gradient; the backward keeps the per-sample reps and the dots
+        are formed at commit."""
+        if not self.estimator.in_backward(self.update, params):
+            return "deferred"
+        return "joined" if self.accumulation_steps == 1 and not self.dp.val_sharded else "prefetched"
+
+    def _prefetch_v(self, params: list[nn.Parameter]) -> dict[int, Tensor]:
+        g_val, _ = self._val_grads()
+        return {id(p): full(self.update.constant_slope(p) * g_val[id(p)]) for p in params}
 
     def _warn_functional_dropout(self) -> None:
         """Validation rows join this pass: dropout applied functionally would reach them."""
@@ -247,7 +309,9 @@ class InRunShapley:
         ids = pend.all_ids
         values = (torch.cat(pend.raw) if pend.raw else self._dense_values(pend)) * c
         gp.check_finite(values, f"InRunShapley step {self.steps}", ids)
+        ids, values = self.dp.gather_step(ids, values)   # every rank's samples, on every rank
         self.ledger.add(ids, values)
+        self.last_ids = ids
         self.last_values = values
         self.steps += 1
         return values
@@ -301,7 +365,7 @@ class InRunShapley:
         values = torch.zeros(pend.n, dtype=torch.float64)
         with torch.no_grad():
             for ps, reps in by_param.items():
-                V = [vector(p) for p in ps]
+                V = [full(vector(p)) for p in ps]   # FSDP2: all-gather the shard
                 for rep, weight, row in reps:
                     values[row:row + rep.n] += weight * products.dense_dot(rep, *V).to("cpu", torch.float64)
         return values
@@ -329,12 +393,17 @@ class InRunShapley:
             with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention:
                 losses = gp.check_losses(self.loss_fn(self.model, self.val), self.n_val)
                 gp.check_finite_losses(losses, 0, what=f"InRunShapley step {self.steps} (validation pass)")
-                grads = torch.autograd.grad(losses.mean(), params, allow_unused=True,
-                                            create_graph=hvp is not None)
                 hv = None
-                if hvp is not None:
-                    live = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
-                    hv = _hessian_vector(live, params, hvp)
+                if self.dp.kind == "fsdp2":
+                    grads = self._sharded_val_grads(losses, params)
+                else:
+                    grads = torch.autograd.grad(losses.mean(), params, allow_unused=True,
+                                                create_graph=hvp is not None)
+                    if hvp is not None:
+                        live = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
+                        hv = _hessian_vector(live, params, hvp)
+                        hv = dict(zip(hv, self.dp.val_mean(list(hv.values()), self.n_val)))
+                    grads = self.dp.val_mean([None if g is None else g.detach() for g in grads], self.n_val)
         finally:
             for m, mode in modes:
                 m.training = mode
@@ -345,6 +414,23 @@ class InRunShapley:
         zeros = lambda p: torch.zeros_like(p)  # noqa: E731
         g_val = {id(p): (zeros(p) if g is None else g.detach()) for p, g in zip(params, grads)}
         return g_val, hv
+
+    def _sharded_val_grads(self, losses: Tensor, params: list[nn.Parameter]) -> list[Tensor | None]:
+        """FSDP2: the layers see unsharded parameters that autograd.grad cannot reach from the
+        sharded ones, so the validation gradient comes from a plain backward, reduce-scattered
+        (averaged over ranks) by FSDP into .grad, which is then put back as it was. The loss is
+        weighted so that the average over ranks is the mean over the union of validation rows."""
+        dp = self.dp
+        scale = self.n_val * dp.world / sum(dp.val_rows) if dp.val_sharded else 1.0
+        saved = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            (losses.mean() * scale).backward()
+            return [None if p.grad is None else p.grad.detach() for p in params]
+        finally:
+            for p, g in zip(params, saved):
+                p.grad = g
 
     @property
     def val(self) -> Any:
@@ -360,6 +446,7 @@ class InRunShapley:
         if self._pending is not None:
             raise RuntimeError("set_val: a step is pending; call optimizer.step() (or commit()) first")
         n = batch_size(val, "val")
+        self.dp.check_val(val, n)   # same on every rank, or shards (a collective: call on all)
         self._val, self.n_val = val, n
 
     # ---- state ------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ class AdamMap(UpdateMap):
         st = self.optimizer.state.get(p, {})
         b1, b2 = (_scalar(b) for b in grp["betas"])
         t = _scalar(st["step"]) + 1.0 if "step" in st else 1.0
-        zero = torch.zeros(p.shape, dtype=compute_dtype(p), device=p.device)
+        zero = torch.zeros_like(p, dtype=compute_dtype(p))   # (a DTensor for an FSDP2 shard)
         m = _as(st["exp_avg"], p) if "exp_avg" in st else zero
         v = _as(st["exp_avg_sq"], p) if "exp_avg_sq" in st else zero
         vmax = None

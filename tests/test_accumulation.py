@@ -131,3 +131,25 @@ def test_second_order_at_adams_first_step_falls_back_to_the_secant_with_a_warnin
     opt2.step()
     # every coordinate moves at Adam's first step: second order is the first-order value there
     assert rel_err(eng.last_values, first.last_values) < 1e-12
+
+
+def test_validation_rows_cost_once_per_optimizer_step():
+    """SGD-type first order under accumulation: one validation pass per optimizer step (the
+    "prefetched" route), not the validation rows joined to every micro-batch."""
+    model = TokenMixer().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    val = make_data(5, (7, 17), 4, seed=5)
+    rows = []
+
+    def counting_loss(m, batch):
+        rows.append(batch[0].shape[0])
+        return ce_loss(m, batch)
+
+    eng = ik.InRunShapley(model, opt, counting_loss, val, accumulation_steps=3, verify=False)
+    for step in range(2):
+        opt.zero_grad()
+        for j, b in enumerate(_micro(10 * step)):
+            eng.step(b, torch.arange(j * 4, j * 4 + SIZES[j]))
+        opt.step()
+    assert rows == [5, *SIZES] * 2, rows   # validation pass first, then the training rows only
+    assert eng._route([p for p in model.parameters()]) == "prefetched"
