@@ -19,8 +19,10 @@ setup(
     extras_require={
         "triton": ["triton>=3.0"],
         "hf": ["transformers>=4.40"],
+        "trainer": ["transformers>=5", "accelerate"],   # ik.hf.InRunTrainer (tested: 5.24)
         "demo": ["scikit-learn"],
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "transformers>=4.40", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "scikit-learn", "transformers>=4.40", "accelerate",
+                 "matplotlib"],
     },
     entry_points={"console_scripts": ["inrun-kernels=inrun_kernels.cli:main"]},
 )

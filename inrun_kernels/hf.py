@@ -93,3 +93,12 @@ def sequence_classification_loss(model: nn.Module, batch: dict) -> Tensor:
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype),
                                                   reduction="none").reshape(logits.shape[0], -1).mean(1)
     raise ValueError(f"unknown problem_type {problem!r}")
+
+
+def __getattr__(name: str):
+    """`ik.hf.InRunTrainer` (inrun_kernels/trainer.py) is imported on first use, so that importing
+    this module never imports transformers."""
+    if name == "InRunTrainer":
+        from .trainer import InRunTrainer
+        return InRunTrainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
