@@ -196,10 +196,46 @@ def _full_opt(opt, view):
     return new
 
 
+def refusals_case(rank, world):
+    """What the engine refuses under torch.distributed, each with an error naming why."""
+    import pytest
+    from torch.distributed.fsdp import FullyShardedDataParallel, fully_shard
+    val = val_for(0, False)
+    class Fsdp1(FullyShardedDataParallel):   # FSDP1 needs an accelerator to be built here;
+        __init__ = nn.Module.__init__           # the engine's check is on the wrapper's class
+        __getattr__ = nn.Module.__getattr__
+        named_parameters = nn.Module.named_parameters
+        forward = TokenMixer.forward
+    fsdp1 = Fsdp1()
+    for name, mod in TokenMixer().double().named_children():
+        fsdp1.add_module(name, mod)
+    with pytest.raises(TypeError, match="FSDP1"):
+        ik.InRunShapley(fsdp1, torch.optim.SGD(fsdp1.parameters(), lr=0.1), ce_loss, val)
+    plain = TokenMixer().double()
+    with pytest.warns(UserWarning, match="neither DistributedDataParallel nor FSDP2"):
+        ik.InRunShapley(plain, torch.optim.SGD(plain.parameters(), lr=0.1), ce_loss, val)
+    partly = TokenMixer().double()
+    partly.scale = nn.Parameter(torch.ones(()))   # a parameter no ghost layer covers
+    orig = partly.forward
+    partly.forward = lambda x: orig(x) * partly.scale
+    ddp = nn.parallel.DistributedDataParallel(partly)
+    with pytest.raises(ValueError, match="every trainable parameter must be covered"):
+        ik.InRunShapley(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), ce_loss, val, strict=False)
+    sharded = TokenMixer().double()
+    fully_shard(sharded)
+    with pytest.raises(ValueError, match="second"):
+        ik.InRunShapley(sharded, torch.optim.SGD(sharded.parameters(), lr=0.1), ce_loss, val,
+                        estimator="second")
+    ddp = nn.parallel.DistributedDataParallel(TokenMixer().double())
+    odd = val if rank == 0 else val[0]   # a tuple on one rank, a tensor on the other
+    with pytest.raises(ValueError, match="different structure"):
+        ik.InRunShapley(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), ce_loss, odd)
+
+
 def run(rank: int, world: int, port: int, case: str, kwargs_list: list[dict]) -> None:
     init(rank, world, port)
     try:
         for kw in kwargs_list:
-            {"ddp": ddp_case, "fsdp2": fsdp2_case}[case](rank, world, **kw)
+            {"ddp": ddp_case, "fsdp2": fsdp2_case, "refusals": refusals_case}[case](rank, world, **kw)
     finally:
         dist.destroy_process_group()

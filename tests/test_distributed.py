@@ -46,3 +46,9 @@ def test_fsdp2_values_and_grads_equal_the_global_step():
         dict(opt_name="adamw", estimator="first", k=2, sharded_val=False),
         dict(opt_name="adamw", estimator="midpoint", k=1, sharded_val=True),
     ])
+
+
+def test_unsupported_distributed_setups_are_refused_by_name():
+    """FSDP1, an unwrapped model under an initialised process group (warning), an uncovered
+    parameter under DDP, estimator='second' under FSDP2, validation batches of different forms."""
+    _spawn("refusals", [{}])
