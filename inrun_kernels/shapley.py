@@ -143,8 +143,7 @@ class InRunShapley:
                  update: str = "optimizer", strict: bool = True, pad_values=None,
                  verify: bool = True, accumulation_steps: int = 1):
         # every argument is checked before the model is patched: a refused engine changes nothing
-        if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        self._pending: _Pending | None = None
         self.accumulation_steps = accumulation_steps
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
@@ -182,9 +181,29 @@ class InRunShapley:
         self.steps = 0
         self.last_values: Tensor | None = None   # the last step's values, of the ids last_ids
         self.last_ids: Tensor | None = None
-        self._pending: _Pending | None = None
         self._names = {id(p): n for n, p in self.model.named_parameters()}
         self._hook = optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step; may change between optimizer steps (e.g. a shorter
+        last window of an epoch), not within one."""
+        return self._k
+
+    @accumulation_steps.setter
+    def accumulation_steps(self, k: int) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {k!r}")
+        if self._pending is not None and k != self._k:
+            raise RuntimeError(f"accumulation_steps: {self._pending.micro} micro-batch(es) of this "
+                               "optimizer step are in; change it after optimizer.step()")
+        self._k = k
+
+    @property
+    def micro_batches_pending(self) -> int:
+        """Micro-batches of the current optimizer step already in (0: the next eng.step() opens
+        a new step; accumulation_steps may be changed only then)."""
+        return 0 if self._pending is None else self._pending.micro
 
     @property
     def values(self) -> Tensor:

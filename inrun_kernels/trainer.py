@@ -280,7 +280,7 @@ class InRunTrainer(Trainer):
             self.inrun = self._inrun_start(model)
         eng = self.inrun
         k = self.current_gradient_accumulation_steps
-        if eng._pending is None:   # the first micro-batch of an optimizer step: its window size
+        if eng.micro_batches_pending == 0:   # the first micro-batch of an optimizer step: its window size
             eng.accumulation_steps = k
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):

@@ -98,6 +98,16 @@ def test_sgd_first_order_is_lr_over_k_n_j_and_windows_are_enforced():
     assert rel_err(eng.last_values, want) < 1e-10
     with pytest.raises(ValueError, match="accumulation_steps"):
         ik.InRunShapley(model, opt, ce_loss, val, accumulation_steps=0)
+    # the window size may change between optimizer steps (a shorter last window), not within one
+    opt.zero_grad()
+    eng.step(a, torch.arange(3))
+    assert eng.micro_batches_pending == 1
+    with pytest.raises(RuntimeError, match="change it after optimizer.step"):
+        eng.accumulation_steps = 3
+    eng.accumulation_steps = 2   # unchanged: fine
+    eng.commit()
+    assert eng.micro_batches_pending == 0
+    eng.accumulation_steps = 1
 
 
 def test_a_failing_micro_batch_restores_the_accumulated_grad():
