@@ -36,6 +36,7 @@ from . import products
 from .batch import batch_size, check_same_structure, pad_common
 from .distributed import ParamAliases, data_parallel, full, unwrap
 from .estimators import StepContext, make_estimator
+from .history import StepRecorder, check_groups
 from .layers.dropout import functional_dropouts
 from .ledger import ValueLedger, atomic_save, check_ids
 from .updates import make_update
@@ -52,6 +53,7 @@ class _Pending:
         self.raw: list[Tensor] = []   # values computed in the backward (for c = 1), per micro-batch
         self.kept: list = []          # [(params, rep, weight, row offset)] for the dense-V products
         self.v: dict | None = None    # the "prefetched" route's V, from the window's validation pass
+        self.val_loss: Tensor | None = None   # mean validation loss at the step's weights, if seen
         self.n = self.micro = 0
 
     def add(self, ids: Tensor, raw: Tensor | None, kept: list, weight: float) -> None:
@@ -141,10 +143,14 @@ class InRunShapley:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: Callable,
                  val: Any, num_samples: int | None = None, *, estimator: str = "first",
                  update: str = "optimizer", strict: bool = True, pad_values=None,
-                 verify: bool = True, accumulation_steps: int = 1):
+                 verify: bool = True, accumulation_steps: int = 1, groups=None,
+                 group_names=None, history_every: int = 0):
         # every argument is checked before the model is patched: a refused engine changes nothing
         self._pending: _Pending | None = None
         self.accumulation_steps = accumulation_steps
+        self.recorder = StepRecorder(None if groups is None else check_groups(groups, num_samples),
+                                     history_every, group_names)
+        self._val_loss_at_w: Tensor | None = None   # set by a validation pass at the step's weights
         self.estimator = make_estimator(estimator)
         self.update = make_update(optimizer, update)
         self._val, self.n_val = val, batch_size(val, "val")
@@ -256,6 +262,7 @@ class InRunShapley:
         try:
             if route == "prefetched":   # V = slope (.) g_val, from one validation pass per window
                 v = pend.v if pend is not None else self._prefetch_v(params)
+                val_loss = self._val_loss_at_w
                 sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
                                       dense_v=v, **run)
                 raw = sess.result("dot").to(torch.float64) * weight
@@ -268,7 +275,9 @@ class InRunShapley:
                                       dot=True, dot_scale=scale, **run)
                 raw = sess.result("dot").to(torch.float64)
                 gp.check_finite(raw, what, ids)
+                val_loss = losses[n:].mean()
             else:
+                val_loss = None
                 sess, losses = gp.run(self.model, self.loss_fn, train, None, train_grad=True,
                                       keep=True, **run)
                 raw = None
@@ -284,6 +293,7 @@ class InRunShapley:
             pend = self._pending = _Pending(params)
             if route == "prefetched":
                 pend.v = v
+            pend.val_loss = None if self.dp.val_sharded else val_loss
         pend.add(ids, raw, sess.kept, weight)
         return losses[:n].mean()
 
@@ -325,11 +335,14 @@ class InRunShapley:
         if pend is None:
             return None
         c = self._rescale(pend)
+        self._val_loss_at_w = None
         ids = pend.all_ids
         values = (torch.cat(pend.raw) if pend.raw else self._dense_values(pend)) * c
         gp.check_finite(values, f"InRunShapley step {self.steps}", ids)
         ids, values = self.dp.gather_step(ids, values)   # every rank's samples, on every rank
         self.ledger.add(ids, values)
+        val_loss = pend.val_loss if pend.val_loss is not None else self._val_loss_at_w
+        self.recorder.add(ids, values, None if self.dp.val_sharded else val_loss, self.steps + 1)
         self.last_ids = ids
         self.last_values = values
         self.steps += 1
@@ -430,6 +443,8 @@ class InRunShapley:
                 with torch.no_grad():
                     for p, s in zip(params, saved):
                         p.copy_(s)
+        if shift is None:
+            self._val_loss_at_w = losses.detach().mean()
         zeros = lambda p: torch.zeros_like(p)  # noqa: E731
         g_val = {id(p): (zeros(p) if g is None else g.detach()) for p, g in zip(params, grads)}
         return g_val, hv
@@ -470,13 +485,61 @@ class InRunShapley:
 
     # ---- state ------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Values, counts and the number of committed steps (plain tensors and ints)."""
-        return {"ledger": self.ledger.state_dict(), "steps": self.steps}
+        """Values, counts, the number of committed steps, group history and validation losses
+        (plain tensors and ints)."""
+        return {"ledger": self.ledger.state_dict(), "steps": self.steps,
+                "recorder": self.recorder.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a state_dict; a different num_samples is an error and changes nothing."""
+        """Restore a state_dict; a different num_samples or groups is an error and changes
+        nothing."""
+        if "recorder" in state:
+            self.recorder.check_state(state["recorder"])
         self.ledger.load_state_dict(state["ledger"])
         self.steps = int(state.get("steps", 0))
+        if "recorder" in state:
+            self.recorder.load_state_dict(state["recorder"])
+
+    # ---- results ------------------------------------------------------------------------------
+    @property
+    def groups(self) -> Tensor | None:
+        return self.recorder.groups
+
+    @property
+    def group_names(self) -> list[str] | None:
+        return self.recorder.group_names
+
+    @property
+    def history(self) -> Tensor | None:
+        """[R, G] float64: each group's summed value every history_every steps (None: off)."""
+        return self.recorder.history
+
+    @property
+    def history_steps(self) -> Tensor | None:
+        return self.recorder.history_steps
+
+    @property
+    def val_loss(self) -> Tensor:
+        """[steps] float64: mean validation loss at the start of each step (NaN where unseen)."""
+        return self.recorder.val_loss
+
+    @property
+    def meta(self) -> dict:
+        """What the values are of: JSON-able facts saved beside them."""
+        from . import __version__
+        shapes = [f"{n}:{tuple(p.shape)}" for n, p in self.model.named_parameters() if p.requires_grad]
+        return {"package_version": __version__, "estimator": self.estimator.name,
+                "update": type(self.update).__name__, "optimizer": type(self.optimizer).__name__,
+                "num_samples": self.ledger.num_samples, "accumulation_steps": self.accumulation_steps,
+                "data_parallel": self.dp.kind, "world_size": self.dp.world,
+                "model": {"class": type(self.model).__name__, "parameters": len(shapes),
+                          "fingerprint": _digest(";".join(shapes))},
+                "validation": {"rows": self.n_val, "fingerprint": _batch_digest(self.val)}}
+
+    def results(self):
+        """The values as an ik.Values (top/bottom, by_group, exports, save/load, report)."""
+        from .results import Values
+        return Values.from_engine(self)
 
     def save(self, path: str) -> None:
         """Crash-safe save of state_dict() (temp file beside `path`, fsync, rename)."""
@@ -485,6 +548,21 @@ class InRunShapley:
     def load(self, path: str) -> None:
         """Load what save() wrote into this engine."""
         self.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+
+
+def _digest(data: str | bytes) -> str:
+    import hashlib
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()[:16]
+
+
+def _batch_digest(batch: Any) -> str:
+    """Content hash of a batch's tensors (names, shapes, dtypes, bytes)."""
+    from .batch import _leaves
+    parts = []
+    for name, t in _leaves(batch, "val"):
+        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        parts.append(f"{name}:{tuple(t.shape)}:{t.dtype}:{_digest(raw)}")
+    return _digest("|".join(parts))
 
 
 def _hessian_vector(live: list[tuple[Tensor, nn.Parameter]], params: list[nn.Parameter],
