@@ -21,8 +21,9 @@ setup(
         "hf": ["transformers>=4.40"],
         "trainer": ["transformers>=5", "accelerate"],   # ik.hf.InRunTrainer (tested: 5.24)
         "demo": ["scikit-learn"],
+        "results": ["safetensors", "matplotlib"],      # ik.Values.load, the report's plots
         "test": ["pytest", "pytest-benchmark", "scikit-learn", "transformers>=4.40", "accelerate",
-                 "matplotlib"],
+                 "matplotlib", "safetensors"],
     },
     entry_points={"console_scripts": ["inrun-kernels=inrun_kernels.cli:main"]},
 )

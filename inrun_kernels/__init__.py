@@ -12,6 +12,7 @@ from .layers import GhostLinear, register
 from .ledger import ValueLedger
 from .ops import temp_budget
 from .patch import BatchCouplingError, UnsupportedModuleError, coverage, patch, unpatch
+from .results import Values
 from .session import ghost_session
 from .shapley import InRunShapley
 from .updates import UPDATES, UnsupportedOptimizerError
@@ -23,4 +24,4 @@ __all__ = ["grad_dot", "grad_gram", "grad_norms", "GhostLinear", "register", "Va
            "temp_budget", "BatchCouplingError", "UnsupportedModuleError", "coverage", "patch",
            "unpatch", "ghost_session", "InRunShapley", "hf", "causal_lm_loss",
            "sequence_classification_loss", "ESTIMATORS", "UPDATES", "UnsupportedOptimizerError",
-           "fidelity_check", "FidelityReport", "verify", "VerificationError"]
+           "fidelity_check", "FidelityReport", "verify", "VerificationError", "Values"]

@@ -1,12 +1,13 @@
 """Values by sample id: float64 sums over steps, how often each id was seen, save/load.
 
-`atomic_save(obj, path)` is the crash-safe torch.save used for ledgers and engine states."""
+`atomic_save(obj, path)` is the crash-safe torch.save used for ledgers and engine states;
+`atomic_write(path, write)` the same for any content (results.Values.save, CSV exports)."""
 from __future__ import annotations
 
 import os
 import stat
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import Tensor
@@ -131,9 +132,11 @@ def _locked_temp(folder: str, target: str) -> tuple[int, str]:
     raise OSError(f"could not create a temp file for {target!r} in {folder!r}")
 
 
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save(obj, path), crash-safe: whenever the process dies (kill -9 at any moment; a
-    power loss too, given the fsyncs) `path` holds its previous content or `obj`, complete.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Crash-safe file write: `write(f)` writes the content to `f`, an open binary temp file;
+    whenever the process dies (kill -9 at any moment; a power loss too, given the fsyncs) `path`
+    holds its previous content or the new one, complete. An exception from `write` leaves
+    `path` as it was and no temp file.
 
     Written to a temp file beside the target (`.<name>.inrun-tmp-XXXX.partial`, same folder so
     the rename is atomic), fsynced, renamed over `path`, then the folder is fsynced. Temps left
@@ -155,7 +158,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                 os.fchmod(f.fileno(), mode)
             else:
                 os.chmod(tmp, mode)
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
             os.replace(tmp, target)  # under the lock: a cleaner never takes a temp mid-write
@@ -169,6 +172,12 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
                 os.remove(tmp)
             except OSError:
                 pass
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save(obj, path), crash-safe: `path` holds its previous content or `obj`, complete,
+    whenever the process dies (see atomic_write)."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 class ValueLedger:
