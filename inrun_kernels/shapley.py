@@ -185,6 +185,7 @@ class InRunShapley:
         self._dropout_checked = False   # functional dropout looked for, once
         self.ledger = ValueLedger(num_samples)
         self.steps = 0
+        self.last_losses: Tensor | None = None   # per-sample training losses of the last eng.step()
         self.last_values: Tensor | None = None   # the last step's values, of the ids last_ids
         self.last_ids: Tensor | None = None
         self._names = {id(p): n for n, p in self.model.named_parameters()}
@@ -295,6 +296,7 @@ class InRunShapley:
                 pend.v = v
             pend.val_loss = None if self.dp.val_sharded else val_loss
         pend.add(ids, raw, sess.kept, weight)
+        self.last_losses = losses[:n]
         return losses[:n].mean()
 
     def _route(self, params: list[nn.Parameter]) -> str:
