@@ -218,8 +218,8 @@ class Config(argparse.Namespace):
 def settings(quick: bool) -> Config:
     c = Config()
     c.T, c.d, c.layers, c.batch, c.lr, c.estimator = 64, 64, 2, 16, 3e-3, "first"
-    c.n_train, c.n_val, c.n_test, c.frac = (240, 32, 64, 0.2) if quick else (1200, 32, 256, 0.2)
-    c.epochs, c.eval_every = (2, 5) if quick else (4, 10)
+    c.n_train, c.n_val, c.n_test, c.frac = (240, 32, 64, 0.2) if quick else (2400, 32, 256, 0.2)
+    c.epochs, c.eval_every = (2, 5) if quick else (2, 10)
     c.orders = 1 if quick else 3   # data orders each retraining is averaged over
     return c
 
