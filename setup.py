@@ -2,9 +2,32 @@
 
 torch is a runtime requirement only: it is never put into build isolation (an unpinned torch
 there pulls a multi-GB CUDA wheel). Install with `pip install -e . --no-build-isolation` into
-an environment that already has torch. The C++ CPU path (csrc/) is built on first use, JIT.
+an environment that already has torch; that install is pure Python.
+
+The C++ CPU kernels (inrun_kernels/csrc/split.cpp: the split route) are built just in time on
+first use (torch.utils.cpp_extension.load; needs ninja and a C++ compiler; cached under
+~/.cache/inrun_kernels or INRUN_EXT_DIR). `INRUN_BUILD_EXT=1 pip install --no-build-isolation
+-e .` builds them ahead of time instead, as inrun_kernels._split_ext (used while it matches the
+source; -march=native: for this machine). Without a compiler, INRUN_BACKEND=auto runs the
+PyTorch reference with one warning saying why.
 """
+import hashlib
+import os
+
 from setuptools import find_packages, setup
+
+ext_modules, cmdclass = [], {}
+if os.environ.get("INRUN_BUILD_EXT", "0") not in ("", "0"):
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+    src = "inrun_kernels/csrc/split.cpp"
+    # the same flags and source hash as the JIT build (inrun_kernels/ops/cpp_backend.py)
+    cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
+    h = hashlib.sha256(open(src, "rb").read())
+    h.update(" ".join(cflags).encode())
+    ext_modules = [CppExtension("inrun_kernels._split_ext", [src],
+                                extra_compile_args=cflags + [f"-DINRUN_SRC_HASH={h.hexdigest()[:16]}"])]
+    cmdclass = {"build_ext": BuildExtension}
 
 setup(
     name="inrun_kernels",
@@ -22,8 +45,10 @@ setup(
         "trainer": ["transformers>=5", "accelerate"],   # ik.hf.InRunTrainer (tested: 5.24)
         "demo": ["scikit-learn"],
         "results": ["safetensors", "matplotlib"],      # ik.Values.load, the report's plots
-        "test": ["pytest", "pytest-benchmark", "scikit-learn", "transformers>=4.40", "accelerate",
+        "test": ["pytest", "pytest-benchmark", "ninja", "scikit-learn", "transformers>=4.40", "accelerate",
                  "matplotlib", "safetensors"],
     },
     entry_points={"console_scripts": ["inrun-kernels=inrun_kernels.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
 )

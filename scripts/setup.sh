@@ -12,6 +12,6 @@ fi
 VPY=.venv/bin/python
 "$VPY" -m pip install -q --upgrade pip setuptools wheel
 "$VPY" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-"$VPY" -m pip install -q "triton>=3.0" "transformers>=4.40" accelerate scikit-learn pytest pytest-benchmark matplotlib numpy
+"$VPY" -m pip install -q "triton>=3.0" "transformers>=4.40" accelerate scikit-learn pytest pytest-benchmark matplotlib numpy ninja
 "$VPY" -m pip install -q --no-build-isolation --no-deps -e .
 "$VPY" -c "import torch, inrun_kernels; print('torch', torch.__version__, '| inrun_kernels', inrun_kernels.__version__)"

@@ -4,6 +4,7 @@
     torch.ops.inrun.dot_dense(A, B, V, v_bias=None, lengths=None)
     torch.ops.inrun.gram(A, B, bias, lengths=None)
     torch.ops.inrun.norms_sq(A, B, bias, lengths=None)
+    torch.ops.inrun.split_dot / split_norms (the split route, see the end of this file)
 
 The exact PyTorch reference is the default implementation (CPU and any other device); the
 Triton launcher is registered for "cuda" and falls back to the reference when Triton is not
@@ -116,3 +117,50 @@ def _norms_sq_fake(A, B, bias, lengths=None):
 
 
 OPS = {"dot_gram": dot_gram, "dot_dense": dot_dense, "gram": gram, "norms_sq": norms_sq}
+
+
+# ---- the split route (ops/split.py): weight gradient + per-sample products in one pass ------
+# torch.ops.inrun.split_dot(A, B, V, v_bias=None, lengths=None, scale=1.0, bias=False)
+# torch.ops.inrun.split_norms(A, B, lengths=None, scale=1.0, bias=False)
+# -> (weight grad [p, d], bias grad [p] (empty [0] when not bias), dots / norms [N]), all in the
+# accumulation dtype. The implementation is the dispatcher's: the C++ kernel on CPU when it is
+# built (INRUN_BACKEND=auto|cpp), else the PyTorch reference.
+def _split_out(res, p: int, like: Tensor):
+    W, gb, out = res
+    if gb is None:
+        gb = like.new_empty((0,), dtype=W.dtype)
+    return W.contiguous(), gb.contiguous(), out.contiguous()
+
+
+@torch.library.custom_op("inrun::split_dot", mutates_args=())
+def split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Optional[Tensor] = None,
+              lengths: Optional[Tensor] = None, scale: float = 1.0,
+              bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    from .dispatch import ghost_split_dot
+    return _split_out(ghost_split_dot(A, B, V, v_bias, lengths, scale, bias=bias), B.shape[-1], A)
+
+
+@split_dot.register_fake
+def _split_dot_fake(A, B, V, v_bias=None, lengths=None, scale=1.0, bias=False):
+    dt = _out_dtype(A, B, V)
+    p, d = B.shape[-1], A.shape[-1]
+    return (A.new_empty((p, d), dtype=dt), A.new_empty((p,) if bias else (0,), dtype=dt),
+            A.new_empty((A.shape[0],), dtype=dt))
+
+
+@torch.library.custom_op("inrun::split_norms", mutates_args=())
+def split_norms(A: Tensor, B: Tensor, lengths: Optional[Tensor] = None, scale: float = 1.0,
+                bias: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    from .dispatch import ghost_split_norms
+    return _split_out(ghost_split_norms(A, B, lengths, scale, bias=bias), B.shape[-1], A)
+
+
+@split_norms.register_fake
+def _split_norms_fake(A, B, lengths=None, scale=1.0, bias=False):
+    dt = _out_dtype(A, B)
+    p, d = B.shape[-1], A.shape[-1]
+    return (A.new_empty((p, d), dtype=dt), A.new_empty((p,) if bias else (0,), dtype=dt),
+            A.new_empty((A.shape[0],), dtype=dt))
+
+
+OPS.update({"split_dot": split_dot, "split_norms": split_norms})

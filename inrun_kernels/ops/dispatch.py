@@ -10,18 +10,21 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from typing import Callable
 
 import torch
 from torch import Tensor
 
 from . import reference as ref
+from . import split as split_ref
 
 log = logging.getLogger("inrun_kernels.dispatch")
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
 ROUTES = ("auto", "gram", "dense")
-PRIMITIVES = ("dot_gram", "dot_dense", "gram", "norms_sq", "gram_materialised", "norms_sq_materialised")
+PRIMITIVES = ("dot_gram", "dot_dense", "gram", "norms_sq", "gram_materialised", "norms_sq_materialised",
+              "split_dot", "split_norms")
 
 # backend name -> (availability check returning a reason string or None, {primitive: fn})
 _BACKEND_TABLE: dict[str, tuple[Callable[[tuple[Tensor, ...]], str | None], dict[str, Callable]]] = {
@@ -29,6 +32,7 @@ _BACKEND_TABLE: dict[str, tuple[Callable[[tuple[Tensor, ...]], str | None], dict
         "dot_gram": ref.dot_gram, "dot_dense": ref.dot_dense, "gram": ref.gram,
         "norms_sq": ref.norms_sq, "gram_materialised": ref.gram_materialised,
         "norms_sq_materialised": ref.norms_sq_materialised,
+        "split_dot": split_ref.split_dot, "split_norms": split_ref.split_norms,
     }),
 }
 
@@ -59,35 +63,60 @@ def requested_route() -> str:
     return name
 
 
-def _why_not(name: str, tensors: tuple[Tensor, ...]) -> str | None:
+SPLIT_PRIMITIVES = ("split_dot", "split_norms")
+
+
+def _why_not(name: str, tensors: tuple[Tensor, ...], primitive: str | None = None) -> str | None:
     if name not in _BACKEND_TABLE:
         hint = {"triton": "the Triton kernels are not available (triton missing, or not built for this platform)",
                 "cpp": "the C++ CPU extension is not built or failed to load"}.get(name, "it is not registered")
         return hint
+    if name == "cpp" and primitive not in _BACKEND_TABLE[name][1]:
+        # checked before building anything: the extension has the split route only
+        return (f"the C++ CPU extension implements only the split route ({', '.join(SPLIT_PRIMITIVES)}), "
+                f"not {primitive or 'the ghost products'}; use INRUN_BACKEND=torch or auto for those")
     return _BACKEND_TABLE[name][0](tensors)
 
 
-def resolve_backend(*tensors: Tensor) -> str:
-    """The backend that will run a primitive on these tensors."""
+_warned: set[str] = set()
+
+
+def resolve_backend(*tensors: Tensor, primitive: str | None = None) -> str:
+    """The backend that will run a primitive on these tensors. With `primitive`, `auto` only
+    considers backends that implement it (so no C++ build is triggered for a primitive the C++
+    extension does not have); a backend that fails for its own reason (a failed C++ build) is
+    skipped with ONE warning saying why."""
     req = requested_backend()
     if req != "auto":
-        why = _why_not(req, tensors)
+        why = _why_not(req, tensors, primitive)
         if why is not None:
             raise RuntimeError(f"INRUN_BACKEND={req} was requested but cannot run here: {why}")
         return req
     for name in ("triton", "cpp"):
-        if _why_not(name, tensors) is None:
+        if primitive is not None and (name not in _BACKEND_TABLE or primitive not in _BACKEND_TABLE[name][1]):
+            continue
+        why = _why_not(name, tensors, primitive)
+        if why is None:
             return name
+        if name == "cpp" and name in _BACKEND_TABLE and _cpp_broken(why) and name not in _warned:
+            _warned.add(name)
+            warnings.warn(f"INRUN_BACKEND=auto: using the PyTorch reference on CPU because {why}",
+                          RuntimeWarning, stacklevel=3)
     return "torch"
+
+
+def _cpp_broken(why: str) -> bool:
+    """Whether the C++ backend is out for good (build/load failure), not for these tensors."""
+    return "could not be built or loaded" in why
 
 
 def _fused(*tensors: Tensor) -> bool:
     """Whether the backend that will run keeps its temporaries in registers (Triton)."""
-    return resolve_backend(*tensors) == "triton"
+    return resolve_backend(*tensors, primitive="dot_gram") == "triton"
 
 
 def _impl(primitive: str, tensors: tuple[Tensor, ...]) -> Callable:
-    backend = resolve_backend(*tensors)
+    backend = resolve_backend(*tensors, primitive=primitive)
     return _BACKEND_TABLE[backend][1].get(primitive) or _BACKEND_TABLE["torch"][1][primitive]
 
 
@@ -190,3 +219,25 @@ def ghost_norms_sq(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None
     chosen = _pick(costs, _balance(A), f"ghost_norms N={N} T={T}", route)
     prim = "norms_sq" if chosen == "gram" else "norms_sq_materialised"
     return _impl(prim, (A, B))(A, B, bias=bias, lengths=lengths)
+
+
+# ---- the split route ----------------------------------------------------------------------
+def split_cost(N: int, T: int, d: int, p: int, elem_bytes: int = 4) -> tuple[float, float]:
+    """(flops, bytes) of the split route: the weight-gradient GEMM plus one d*p dot (or square)
+    per sample; its I/O is the GEMM's plus reading V. Compare with the GEMM alone plus a
+    dense_route product (dot_route_costs' "dense" with M*S = 0, i.e. G_val given)."""
+    return (2.0 * N * T * p * d + 2.0 * N * p * d,
+            float((N * T * (d + p) + 2 * p * d) * elem_bytes))
+
+
+def ghost_split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
+                    lengths: Tensor | None = None, scale: float = 1.0, *, bias: bool | None = None):
+    """(scale * sum_i g_i [p, d], scale * bias gradient [p] or None, <g_i, V> (+ <B_i^T 1, v_bias>) [N])
+    in one pass over the weight-gradient GEMM (ops/split.py). A/B: [N, T, d]/[N, T, p] or [N, d]/[N, p]."""
+    return _impl("split_dot", (A, B, V))(A, B, V, v_bias, lengths, scale, bias=bias)
+
+
+def ghost_split_norms(A: Tensor, B: Tensor, lengths: Tensor | None = None, scale: float = 1.0, *,
+                      bias: bool = False):
+    """(scale * sum_i g_i [p, d], bias gradient or None, ||g_i||^2 [N]) in one pass."""
+    return _impl("split_norms", (A, B))(A, B, lengths, scale, bias=bias)

@@ -1,0 +1,270 @@
+// The split route on CPU: the weight-gradient GEMM sum_i B_i^T A_i with its reduction over
+// tokens split at sample boundaries, so that every (p, d) tile of each sample's gradient
+// g_i = B_i^T A_i passes through registers once: it is dotted with the same tile of a dense V
+// (or squared, for norms) and added into the weight-gradient tile. No per-sample gradient is
+// stored beyond one MR x NR register tile.
+//
+// Determinism: every output element and every partial sum has one owner (a macro tile, run by
+// one task start to finish in a fixed order); the per-tile partial products are stored
+// [n_tiles, N] and summed in tile order afterwards. Results are bitwise identical for any
+// number of threads.
+//
+// Accumulation: float for float/bfloat16/half inputs, double for double.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstring>
+#include <optional>
+#include <vector>
+
+namespace {
+
+template <typename S> struct Vec;
+template <> struct Vec<float> {
+  typedef float type __attribute__((vector_size(32)));
+  typedef float unaligned __attribute__((vector_size(32), aligned(4), may_alias));
+  static constexpr int W = 8;
+};
+template <> struct Vec<double> {
+  typedef double type __attribute__((vector_size(32)));
+  typedef double unaligned __attribute__((vector_size(32), aligned(8), may_alias));
+  static constexpr int W = 4;
+};
+
+constexpr int MR = 6;       // micro-tile rows (output-gradient features p)
+constexpr int NV = 2;       // micro-tile width in vectors (input features d)
+constexpr int MB = 8;       // micro row blocks per macro tile
+constexpr int NB = 4;       // micro column blocks per macro tile
+
+template <typename S>
+struct Split {
+  using V = typename Vec<S>::type;
+  using VU = typename Vec<S>::unaligned;
+  static constexpr int W = Vec<S>::W;
+  static constexpr int NR = NV * W;
+
+  // acc[r][v] = sum_{t < K} bp[t, r] * ap[t, v*W : (v+1)*W]   (packed panels, see pack_*)
+  static inline void micro(const S* __restrict bp, const S* __restrict ap, int64_t K, V* __restrict out) {
+    V c[MR][NV];   // local accumulators: kept in registers (MR * NV = 12 of 16 vector registers)
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) c[r][v] = V{};
+    for (int64_t t = 0; t < K; ++t) {
+      V a[NV];
+      for (int v = 0; v < NV; ++v) a[v] = *reinterpret_cast<const VU*>(ap + t * NR + v * W);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        const V b = bp[t * MR + r] - V{};   // broadcast (x - 0 == x exactly)
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) c[r][v] += b * a[v];
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) out[r * NV + v] = c[r][v];
+  }
+};
+
+// Pack X [N, T, F] (any floating dtype) into [N][ceil(F/R)][T][R] of S, zero-padded in F.
+template <typename In, typename S>
+std::vector<S> pack(const at::Tensor& X, int R) {
+  const int64_t N = X.size(0), T = X.size(1), F = X.size(2);
+  const int64_t nb = (F + R - 1) / R;
+  std::vector<S> out(static_cast<size_t>(N * nb * T * R));
+  const In* x = X.data_ptr<In>();
+  at::parallel_for(0, N * nb, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t k = b0; k < b1; ++k) {
+      const int64_t i = k / nb, blk = k % nb, f0 = blk * R, w = std::min<int64_t>(R, F - f0);
+      S* o = out.data() + k * T * R;
+      for (int64_t t = 0; t < T; ++t) {
+        const In* row = x + (i * T + t) * F + f0;
+        int64_t c = 0;
+        for (; c < w; ++c) o[t * R + c] = static_cast<S>(row[c]);
+        for (; c < R; ++c) o[t * R + c] = S(0);
+      }
+    }
+  });
+  return out;
+}
+
+template <typename In, typename S>
+void run(const at::Tensor& A, const at::Tensor& B, const S* Vp, const std::vector<int64_t>& len,
+         bool norms, at::Tensor& Wt, at::Tensor& out) {
+  using K = Split<S>;
+  using V = typename K::V;
+  constexpr int NR = K::NR;
+  const int64_t N = A.size(0), T = A.size(1), d = A.size(2), p = B.size(2);
+  const int64_t nrb = (p + MR - 1) / MR, ncb = (d + NR - 1) / NR;      // micro blocks
+  const int64_t ntr = (nrb + MB - 1) / MB, ntc = (ncb + NB - 1) / NB;  // macro tiles
+  const int64_t n_tiles = ntr * ntc;
+  std::vector<S> Ap = pack<In, S>(A, NR), Bp = pack<In, S>(B, MR);
+  std::vector<S> partial(static_cast<size_t>(n_tiles * N), S(0));
+  S* Wd = Wt.data_ptr<S>();
+
+  at::parallel_for(0, n_tiles, 1, [&](int64_t tile0, int64_t tile1) {
+    alignas(64) V acc[MR][NV];
+    alignas(64) S g[MR][NR];
+    for (int64_t tile = tile0; tile < tile1; ++tile) {
+      const int64_t tr = tile / ntc, tc = tile % ntc;
+      const int64_t ib0 = tr * MB, ib1 = std::min(nrb, ib0 + MB);
+      const int64_t jb0 = tc * NB, jb1 = std::min(ncb, jb0 + NB);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t Ti = len[i];
+        V dv = V{};
+        S ds = S(0);
+        for (int64_t jb = jb0; jb < jb1; ++jb) {
+          const S* ap = Ap.data() + (i * ncb + jb) * T * NR;
+          const int64_t c0 = jb * NR, cw = std::min<int64_t>(NR, d - c0);
+          for (int64_t ib = ib0; ib < ib1; ++ib) {
+            const S* bp = Bp.data() + (i * nrb + ib) * T * MR;
+            const int64_t r0 = ib * MR, rw = std::min<int64_t>(MR, p - r0);
+            K::micro(bp, ap, Ti, &acc[0][0]);
+            if (rw == MR && cw == NR) {   // full tile: vector epilogue
+              for (int r = 0; r < MR; ++r) {
+                S* wrow = Wd + (r0 + r) * d + c0;
+                for (int v = 0; v < NV; ++v) {
+                  V w;
+                  std::memcpy(&w, wrow + v * K::W, sizeof(V));
+                  w += acc[r][v];
+                  std::memcpy(wrow + v * K::W, &w, sizeof(V));
+                  if (norms) {
+                    dv += acc[r][v] * acc[r][v];
+                  } else {
+                    V vv;
+                    std::memcpy(&vv, Vp + (r0 + r) * d + c0 + v * K::W, sizeof(V));
+                    dv += acc[r][v] * vv;
+                  }
+                }
+              }
+            } else {                      // edge tile: scalar epilogue over the valid part
+              std::memcpy(g, acc, sizeof(g));
+              for (int64_t r = 0; r < rw; ++r)
+                for (int64_t c = 0; c < cw; ++c) {
+                  const S x = g[r][c];
+                  Wd[(r0 + r) * d + c0 + c] += x;
+                  ds += norms ? x * x : x * Vp[(r0 + r) * d + c0 + c];
+                }
+            }
+          }
+        }
+        for (int w = 0; w < K::W; ++w) ds += dv[w];
+        partial[tile * N + i] = ds;
+      }
+    }
+  });
+
+  S* o = out.data_ptr<S>();
+  for (int64_t i = 0; i < N; ++i) {
+    S s = S(0);
+    for (int64_t tile = 0; tile < n_tiles; ++tile) s += partial[tile * N + i];
+    o[i] = s;
+  }
+}
+
+// Per-sample bias gradients bs[i] = sum_{t < len_i} B[i, t] (fixed order), their sum, and the
+// per-sample bias product (dot with v_bias, or squared norm) added to out.
+template <typename In, typename S>
+at::Tensor bias_part(const at::Tensor& B, const S* vb, const std::vector<int64_t>& len, bool norms,
+                     at::Tensor& out) {
+  const int64_t N = B.size(0), T = B.size(1), p = B.size(2);
+  std::vector<S> bs(static_cast<size_t>(N * p), S(0));
+  const In* b = B.data_ptr<In>();
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      for (int64_t t = 0; t < len[i]; ++t)
+        for (int64_t r = 0; r < p; ++r) bs[i * p + r] += static_cast<S>(b[(i * T + t) * p + r]);
+  });
+  at::Tensor gb = at::zeros({p}, out.options());
+  S* g = gb.data_ptr<S>();
+  S* o = out.data_ptr<S>();
+  for (int64_t i = 0; i < N; ++i) {
+    S s = S(0);
+    for (int64_t r = 0; r < p; ++r) {
+      const S x = bs[i * p + r];
+      g[r] += x;
+      if (norms) s += x * x;
+      else if (vb) s += x * vb[r];
+    }
+    if (norms || vb) o[i] += s;
+  }
+  return gb;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> split(at::Tensor A, at::Tensor B,
+                                                     std::optional<at::Tensor> V,
+                                                     std::optional<at::Tensor> v_bias,
+                                                     std::optional<at::Tensor> lengths,
+                                                     double scale, bool bias) {
+  TORCH_CHECK(A.dim() == 3 && B.dim() == 3, "split: A [N, T, d] and B [N, T, p] expected");
+  TORCH_CHECK(A.size(0) == B.size(0) && A.size(1) == B.size(1), "split: A and B differ in samples/tokens");
+  TORCH_CHECK(A.device().is_cpu() && B.device().is_cpu(), "split: the C++ kernel runs on CPU tensors");
+  TORCH_CHECK(A.is_floating_point() && B.is_floating_point(), "split: floating-point inputs expected");
+  const bool norms = !V.has_value();
+  const bool dbl = A.scalar_type() == at::kDouble || B.scalar_type() == at::kDouble ||
+                   (V.has_value() && V->scalar_type() == at::kDouble);
+  const at::ScalarType acc = dbl ? at::kDouble : at::kFloat;
+  // one input dtype for both operands: the common type, or the accumulation type if they differ
+  at::ScalarType in = A.scalar_type() == B.scalar_type() ? A.scalar_type() : acc;
+  if (dbl) in = at::kDouble;
+  A = A.to(in).contiguous();
+  B = B.to(in).contiguous();
+  const int64_t N = A.size(0), T = A.size(1), d = A.size(2), p = B.size(2);
+  at::Tensor Vc, vbc;
+  if (V.has_value()) {
+    TORCH_CHECK(V->dim() == 2 && V->size(0) == p && V->size(1) == d, "split: V must be [p, d]");
+    Vc = V->to(acc).contiguous();
+  }
+  if (v_bias.has_value()) {
+    TORCH_CHECK(v_bias->dim() == 1 && v_bias->size(0) == p, "split: v_bias must be [p]");
+    vbc = v_bias->to(acc).contiguous();
+  }
+  std::vector<int64_t> len(static_cast<size_t>(N), T);
+  if (lengths.has_value()) {
+    at::Tensor l = lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.dim() == 1 && l.size(0) == N, "split: lengths must be [N]");
+    const int64_t* lp = l.data_ptr<int64_t>();
+    for (int64_t i = 0; i < N; ++i) len[i] = std::max<int64_t>(0, std::min<int64_t>(T, lp[i]));
+  }
+  at::Tensor Wt = at::zeros({p, d}, A.options().dtype(acc));
+  at::Tensor out = at::zeros({N}, A.options().dtype(acc));
+  at::Tensor gb;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in, "inrun_split", [&] {
+    using In = scalar_t;
+    if (dbl) {
+      if constexpr (std::is_same_v<In, double>) {
+        const double* vp = norms ? nullptr : Vc.data_ptr<double>();
+        if (N > 0 && p > 0 && d > 0) run<In, double>(A, B, vp, len, norms, Wt, out);
+        if (bias) gb = bias_part<In, double>(B, vbc.defined() ? vbc.data_ptr<double>() : nullptr, len, norms, out);
+      }
+    } else {
+      if constexpr (!std::is_same_v<In, double>) {
+        const float* vp = norms ? nullptr : Vc.data_ptr<float>();
+        if (N > 0 && p > 0 && d > 0) run<In, float>(A, B, vp, len, norms, Wt, out);
+        if (bias) gb = bias_part<In, float>(B, vbc.defined() ? vbc.data_ptr<float>() : nullptr, len, norms, out);
+      }
+    }
+  });
+  if (scale != 1.0) {
+    Wt.mul_(scale);
+    if (gb.defined()) gb.mul_(scale);
+  }
+  return {Wt, gb, out};
+}
+
+}  // namespace
+
+// the source hash, passed bare (-DINRUN_SRC_HASH=abc...) and stringified here
+#define INRUN_STR2(x) #x
+#define INRUN_STR(x) INRUN_STR2(x)
+#ifdef INRUN_SRC_HASH
+#define INRUN_SRC_HASH_STR INRUN_STR(INRUN_SRC_HASH)
+#else
+#define INRUN_SRC_HASH_STR ""
+#endif
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "inrun_kernels: the split route (weight gradient + per-sample products) on CPU";
+  m.def("split", &split, "(W [p, d], bias grad [p] or None, per-sample dots/norms [N])",
+        py::arg("A"), py::arg("B"), py::arg("V"), py::arg("v_bias"), py::arg("lengths"),
+        py::arg("scale"), py::arg("bias"));
+  m.attr("src_hash") = INRUN_SRC_HASH_STR;
+}
