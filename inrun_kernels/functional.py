@@ -7,7 +7,8 @@
 loss_fn(model, batch) returns per-sample losses [B]. g_i is the gradient of sample i's loss
 over all trainable parameters; grad_dot_i = <g_i, sum_v g_v>. An unpatched model is patched
 for the call and restored after. Existing .grad are left untouched. float32 results (float64
-for a float64 model)."""
+for a float64 model). A torch.compile'd model is accepted (parameter names as in the module
+it compiles)."""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -15,18 +16,20 @@ from typing import Any, Callable
 from torch import Tensor, nn
 
 from . import ghost_pass as gp
-from .patch import is_patched, unpatch
+from .patch import compiled_inner, is_patched, unpatch
 
 
 def _call(model: nn.Module, loss_fn: Callable, train: Any, val: Any | None, kind: str,
           per_param: bool, **want) -> Tensor | tuple[Tensor, dict]:
-    was_patched = is_patched(model)
-    gp.ensure_patched(model)
+    inner = compiled_inner(model)[0]   # torch.compile(m): m is patched, the wrapper runs forward
+    was_patched = is_patched(inner)
+    gp.ensure_patched(inner)
     try:
-        sess, _ = gp.run(model, loss_fn, train, val, train_grad=False, per_param=per_param, **want)
+        sess, _ = gp.run(inner, loss_fn, train, val, train_grad=False, per_param=per_param,
+                         forward_model=None if inner is model else model, **want)
     finally:
         if not was_patched:
-            unpatch(model)
+            unpatch(inner)
     out = sess.result(kind)
     gp.check_finite(out, f"grad_{kind}")
     if per_param:

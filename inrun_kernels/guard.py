@@ -24,6 +24,8 @@ from typing import Callable
 
 from torch import Tensor, nn
 
+from .layers.compiled import compiled_grad_sources
+
 _GHOST_MODULE_PREFIX = __name__.rsplit(".", 1)[0] + ".layers"
 
 
@@ -50,13 +52,18 @@ def foreign_edges(losses: Tensor, key: Callable[[Tensor], int] = id) -> dict[int
             continue
         seen.add(node)
         ghost = _is_ghost(node)
-        for nxt, _ in node.next_functions:
+        # a torch.compile'd region: what feeds each input's gradient, read from its graph
+        inside = None if ghost else compiled_grad_sources(node)
+        for k, (nxt, _) in enumerate(node.next_functions):
             if nxt is None:
                 continue
             var = getattr(nxt, "variable", None)   # AccumulateGrad: the leaf it feeds
             if var is not None:
                 ops, by_ghost = out.get(key(var), (set(), False))
-                if not ghost:
+                if inside is not None:
+                    ops |= inside[k][0]
+                    by_ghost = by_ghost or inside[k][1]
+                elif not ghost:
                     ops.add(type(node).__name__)
                 out[key(var)] = (ops, by_ghost or ghost)
             elif nxt not in seen:

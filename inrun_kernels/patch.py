@@ -109,46 +109,75 @@ def _plan(model: nn.Module):
     return todo, cov
 
 
+def compiled_inner(model: nn.Module) -> tuple[nn.Module, str]:
+    """torch.compile(model) (an OptimizedModule) -> (the module it compiles, the prefix of that
+    module's names as seen from the wrapper). Patching acts on the inner module: its layers are
+    what the compiled code calls (Dynamo recompiles once for the new classes)."""
+    prefix = ""
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model, prefix = model._orig_mod, prefix + "_orig_mod."
+    return model, prefix
+
+
 def patch(model: nn.Module, *, strict: bool = True) -> nn.Module:
     """Swap every supported layer of `model` for its ghost version, in place; returns `model`.
+    A torch.compile wrapper is accepted: the module it compiles is patched.
 
     strict=True: a module with trainable parameters that no rule covers is an error naming it.
     strict=False: it is left as is with a warning; `coverage(model)` lists what is not covered."""
+    wrapper, (model, prefix) = model, compiled_inner(model)
+    if prefix:
+        cov = coverage(wrapper)   # names as the caller sees them
+        _patch(model, strict, cov)
+        return wrapper
+    _patch(model, strict, None)
+    return model
+
+
+def _patch(model: nn.Module, strict: bool, shown: Coverage | None) -> None:
     check_batch_coupling(model)
     todo, cov = _plan(model)
     if cov.uncovered:
-        detail = ", ".join(f"'{m}' ({t})" for m, t in cov.modules.items())
+        named = shown or cov
+        detail = ", ".join(f"'{m}' ({t})" for m, t in named.modules.items())
         msg = (f"inrun_kernels cannot compute per-sample products for trainable parameters of "
-               f"{detail}: {', '.join(cov.uncovered)}. Register a rule for the module type, freeze "
+               f"{detail}: {', '.join(named.uncovered)}. Register a rule for the module type, freeze "
                "the parameters (requires_grad=False), or pass strict=False to skip them (their "
                "contribution is then left out of every value).")
         if strict:
             raise UnsupportedModuleError(msg)
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
     for name, mod, rule in todo:
         rule.to_ghost(mod)
     for name, mod in model.named_modules():
         if isinstance(mod, GhostModule):
             mod._inrun_name = name or type(mod).__name__
     model._inrun_coverage = cov
-    return model
 
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Restore the original classes of every patched module; parameters are untouched."""
+    wrapper, (model, _) = model, compiled_inner(model)
     for _, mod in model.named_modules():
         orig = mod.__dict__.get("_inrun_orig_class")
         if orig is not None:
             rule_for(orig).from_ghost(mod)
         mod.__dict__.pop("_inrun_name", None)
     model.__dict__.pop("_inrun_coverage", None)
-    return model
+    return wrapper
 
 
 def is_patched(model: nn.Module) -> bool:
-    return "_inrun_coverage" in model.__dict__
+    return "_inrun_coverage" in compiled_inner(model)[0].__dict__
 
 
 def coverage(model: nn.Module) -> Coverage:
-    """What patch() covered; computed afresh for an unpatched model."""
-    return model.__dict__.get("_inrun_coverage") or _plan(model)[1]
+    """What patch() covered; computed afresh for an unpatched model. Names are as seen from
+    `model` (a torch.compile wrapper's start with "_orig_mod.")."""
+    model, prefix = compiled_inner(model)
+    cov = model.__dict__.get("_inrun_coverage") or _plan(model)[1]
+    if not prefix:
+        return cov
+    return Coverage(covered=[prefix + n for n in cov.covered], uncovered=[prefix + n for n in cov.uncovered],
+                    modules={(prefix + m if m != "<root>" else prefix.rstrip(".")): t
+                             for m, t in cov.modules.items()})

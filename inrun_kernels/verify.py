@@ -530,7 +530,15 @@ def verify(model: nn.Module, loss_fn: Callable, train: Any, val: Any, *, n_train
     plain batch-size-1 autograd; return a VerifyReport, or raise VerificationError naming the
     mismatching parameters and the likely cause. See the module docstring for what is compared,
     the tolerances, randomness (mode) and the one-off cost (less than one engine step on a
-    small GPT-2)."""
+    small GPT-2). A torch.compile'd model (model.compile() or a wrapper) is checked with
+    compilation off (torch.compiler.set_stance("force_eager")): the same layers, eagerly."""
+    with torch.compiler.set_stance("force_eager"):
+        return _verify(model, loss_fn, train, val, n_train=n_train, n_val=n_val, rtol=rtol, mode=mode,
+                       allow_uncovered=allow_uncovered)
+
+
+def _verify(model: nn.Module, loss_fn: Callable, train: Any, val: Any, *, n_train: int, n_val: int,
+            rtol: float | None, mode: str, allow_uncovered: bool) -> VerifyReport:
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
     if n_train < 1 or n_val < 1:

@@ -40,7 +40,8 @@ from torch import Tensor, nn
 
 from .. import session as _session
 from ..reps import Direct, Outer
-from .linear import _GhostLinearFn, rows_tokens
+from . import compiled as _compiled
+from .linear import ghost_linear, rows_tokens
 from .registry import GhostModule, Rule, register, register_rule
 
 
@@ -155,15 +156,34 @@ class _GhostTokenParamFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        sess, p = ctx.sess, ctx.p
-        if sess.closed:
-            return None, None, None
-        G, N = g[:, 0], sess.n_train
-        sess.add((p,), Direct(G[:N]), Direct(G[N:]))
-        gp = None
-        if sess.grad_scale is not None:
-            gp = G[:N].sum(0).mul(sess.grad_scale).to(p.dtype).reshape(p.shape)
-        return gp, None, None
+        return token_param_backward(ctx.sess, g, ctx.p), None, None
+
+
+def token_param_backward(sess, g: Tensor, p: nn.Parameter) -> Tensor | None:
+    """Hands the session the token's gradient rows (Direct reps of p); returns the training
+    rows' gradient scaled for the mean training loss (None where left alone)."""
+    if sess.closed:
+        return None
+    G, N = g[:, 0], sess.n_train
+    sess.add((p,), Direct(G[:N]), Direct(G[N:]))
+    gp = None
+    if sess.grad_scale is not None:
+        gp = G[:N].sum(0).mul(sess.grad_scale).to(p.dtype).reshape(p.shape)
+    return gp
+
+
+def _in_proj(sess, name, plan, bias, xs, ws) -> tuple:
+    """The in-projection op: the autograd Function in eager mode, the custom op under compile."""
+    if torch.compiler.is_compiling():
+        _compiled.check_no_autocast(xs[0], name)
+        return tuple(torch.ops.inrun.ghost_in_proj(list(xs), list(ws), bias, name, *_compiled.flat_plan(plan)))
+    return _GhostInProjFn.apply(sess, name, plan, bias, *xs, *ws)
+
+
+def _token_param(p, sess, n):
+    if torch.compiler.is_compiling():
+        return torch.ops.inrun.ghost_token(p, n)
+    return _GhostTokenParamFn.apply(p, sess, n)
 
 
 # ---- the module ------------------------------------------------------------------------------
@@ -240,8 +260,8 @@ class GhostMultiheadAttention(GhostModule, nn.MultiheadAttention):
             else:
                 raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
         if self.bias_k is not None and self.bias_v is not None:
-            k = torch.cat([k, _GhostTokenParamFn.apply(self.bias_k, sess, bsz).to(k.dtype)], 1)
-            v = torch.cat([v, _GhostTokenParamFn.apply(self.bias_v, sess, bsz).to(v.dtype)], 1)
+            k = torch.cat([k, _token_param(self.bias_k, sess, bsz).to(k.dtype)], 1)
+            v = torch.cat([v, _token_param(self.bias_v, sess, bsz).to(v.dtype)], 1)
             attn_mask = None if attn_mask is None else F.pad(attn_mask, (0, 1))
             key_padding_mask = None if key_padding_mask is None else F.pad(key_padding_mask, (0, 1))
         elif self.bias_k is not None or self.bias_v is not None:
@@ -277,8 +297,7 @@ class GhostMultiheadAttention(GhostModule, nn.MultiheadAttention):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
             weights = None
         out = out.transpose(1, 2).reshape(bsz, tgt_len, E)
-        out = _GhostLinearFn.apply(out, self.out_proj.weight, self.out_proj.bias, sess,
-                                   f"{name}.out_proj", 0)
+        out = ghost_linear(out, self.out_proj.weight, self.out_proj.bias, sess, f"{name}.out_proj", 0)
         if not self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
@@ -295,7 +314,7 @@ class GhostMultiheadAttention(GhostModule, nn.MultiheadAttention):
             else:
                 xs, spans = (query, key, value), [(0, E), (E, 2 * E), (2 * E, 3 * E)]
             plan = ((0,) * len(xs), tuple(spans), tuple(spans))
-            outs = _GhostInProjFn.apply(sess, name, plan, self.in_proj_bias, *xs, self.in_proj_weight)
+            outs = _in_proj(sess, name, plan, self.in_proj_bias, xs, (self.in_proj_weight,))
             if len(xs) == 1:
                 return outs[0].chunk(3, dim=-1)
             if len(xs) == 2:
@@ -306,8 +325,8 @@ class GhostMultiheadAttention(GhostModule, nn.MultiheadAttention):
                                  f"{value.shape[:2]}")
         spans = ((0, E), (E, 2 * E), (2 * E, 3 * E))
         plan = ((0, 1, 2), (None, None, None), spans)
-        return _GhostInProjFn.apply(sess, name, plan, self.in_proj_bias, query, key, value,
-                                    self.q_proj_weight, self.k_proj_weight, self.v_proj_weight)
+        return _in_proj(sess, name, plan, self.in_proj_bias, (query, key, value),
+                        (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
 
 
 # ---- Transformer modules --------------------------------------------------------------------
@@ -336,7 +355,9 @@ class _GhostTransformerMixin(GhostModule):
     """Containers: no parameters of their own; the children are covered by their rules."""
 
     def forward(self, *args, **kwargs):
-        if _session.current() is None:
+        # compiled: the fast path is never taken with grad enabled and trainable weights (and
+        # Dynamo would not trace the global flag's switch)
+        if _session.current() is None or torch.compiler.is_compiling():
             return super().forward(*args, **kwargs)
         with _no_fastpath():
             return super().forward(*args, **kwargs)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import session as _session
+from . import compiled as _compiled
 from ..ops.reference import acc_dtype
 from ..reps import Direct
 from .registry import GhostModule, register
@@ -49,25 +50,35 @@ class _GhostChannelAffineFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         (xhat,) = ctx.saved_tensors
-        weight, bias, sess = ctx.weight, ctx.bias, ctx.sess
+        weight = ctx.weight
         gx = (gy * _channel_view(weight, gy.dim())).to(xhat.dtype) if ctx.needs_input_grad[0] else None
-        if sess.closed:
-            return gx, None, None, None, None
-        sess.check_rows(xhat.shape[0], ctx.name)
-        N = sess.n_train
-        dt = acc_dtype(gy, xhat)
-        gw = gb = None
-        if weight.requires_grad:
-            g = _per_sample(gy.to(dt) * xhat.to(dt))
-            if sess.grad_scale is not None and ctx.needs_input_grad[1]:
-                gw = (g[:N].sum(0) * sess.grad_scale).to(weight.dtype)
-            sess.add((weight,), Direct(g[:N]), Direct(g[N:]))
-        if bias is not None and bias.requires_grad:
-            g = _per_sample(gy.to(dt))
-            if sess.grad_scale is not None and ctx.needs_input_grad[2]:
-                gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
-            sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+        gw, gb = channel_affine_backward(ctx.sess, ctx.name, xhat, gy, weight, ctx.bias,
+                                         ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return gx, gw, gb, None, None
+
+
+def channel_affine_backward(sess, name: str, xhat: Tensor, gy: Tensor, weight: nn.Parameter,
+                            bias: nn.Parameter | None, need_w: bool, need_b: bool):
+    """Hands the session the per-sample gradients [rows, C] (Direct reps) of weight and bias;
+    returns the training rows' gradients scaled for the mean training loss (None where not
+    needed or left alone)."""
+    if sess.closed:
+        return None, None
+    sess.check_rows(xhat.shape[0], name)
+    N = sess.n_train
+    dt = acc_dtype(gy, xhat)
+    gw = gb = None
+    if weight.requires_grad:
+        g = _per_sample(gy.to(dt) * xhat.to(dt))
+        if sess.grad_scale is not None and need_w:
+            gw = (g[:N].sum(0) * sess.grad_scale).to(weight.dtype)
+        sess.add((weight,), Direct(g[:N]), Direct(g[N:]))
+    if bias is not None and bias.requires_grad:
+        g = _per_sample(gy.to(dt))
+        if sess.grad_scale is not None and need_b:
+            gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
+        sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+    return gw, gb
 
 
 class GhostBatchNorm(GhostModule):
@@ -86,6 +97,9 @@ class GhostBatchNorm(GhostModule):
             raise NotImplementedError(f"BatchNorm '{name}' has a bias but no weight")
         self._check_input_dim(input)
         xhat = F.batch_norm(input, self.running_mean, self.running_var, None, None, False, 0.0, self.eps)
+        if torch.compiler.is_compiling():
+            _compiled.check_no_autocast(xhat, name)
+            return torch.ops.inrun.ghost_affine(xhat, self.weight, self.bias, name, 0, True)
         return _GhostChannelAffineFn.apply(xhat, self.weight, self.bias, sess, name)
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import session as _session
+from . import compiled as _compiled
 from ..reps import Direct
 from .linear import linear_backward
 from .registry import GhostModule, Rule, class_swap_rule, register_matcher
@@ -37,23 +38,30 @@ class _GhostConv1DFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         (x,) = ctx.saved_tensors
-        weight, bias, sess = ctx.weight, ctx.bias, ctx.sess
+        weight = ctx.weight
         gx = gy @ weight.to(gy.dtype).T if ctx.needs_input_grad[0] else None
-        # roles swapped: "A" = gy, "B" = x, so the weight gradient comes out [in, out]
-        gw, _ = linear_backward(sess, ctx.name, gy, x, weight, None, ctx.batch_dim,
-                                ctx.needs_input_grad[1], False)
-        gb = None
-        if bias is not None and bias.requires_grad and not sess.closed:
-            bd = ctx.batch_dim
-            g = (gy.movedim(bd, 0) if bd else gy)
-            g = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
-            if g.dtype in (torch.float16, torch.bfloat16):
-                g = g.float()
-            N = sess.n_train
-            if sess.grad_scale is not None and ctx.needs_input_grad[2]:
-                gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
-            sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+        gw, gb = conv1d_backward(ctx.sess, ctx.name, x, gy, weight, ctx.bias, ctx.batch_dim,
+                                 ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return gx, gw, gb, None, None, None
+
+
+def conv1d_backward(sess, name: str, x: Tensor, gy: Tensor, weight: nn.Parameter,
+                    bias: nn.Parameter | None, batch_dim: int, need_w: bool, need_b: bool):
+    """Hands the session the reps of the weight and bias; returns the training rows' (weight,
+    bias) gradients scaled for the mean training loss (None where not needed or left alone)."""
+    # roles swapped: "A" = gy, "B" = x, so the weight gradient comes out [in, out]
+    gw, _ = linear_backward(sess, name, gy, x, weight, None, batch_dim, need_w, False)
+    gb = None
+    if bias is not None and bias.requires_grad and not sess.closed:
+        g = (gy.movedim(batch_dim, 0) if batch_dim else gy)
+        g = g.reshape(g.shape[0], -1, g.shape[-1]).sum(1)
+        if g.dtype in (torch.float16, torch.bfloat16):
+            g = g.float()
+        N = sess.n_train
+        if sess.grad_scale is not None and need_b:
+            gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
+        sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+    return gw, gb
 
 
 class GhostConv1D(GhostModule):
@@ -64,6 +72,9 @@ class GhostConv1D(GhostModule):
         if sess is None:
             return super().forward(x)
         name = getattr(self, "_inrun_name", type(self).__name__)
+        if torch.compiler.is_compiling():
+            _compiled.check_no_autocast(x, name)
+            return torch.ops.inrun.ghost_linear(x, self.weight, self.bias, name, self.ghost_batch_dim, True)
         return _GhostConv1DFn.apply(x, self.weight, self.bias, sess, name, self.ghost_batch_dim)
 
 

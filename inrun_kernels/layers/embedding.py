@@ -36,27 +36,35 @@ class _GhostEmbeddingFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, gy):
-        sess = ctx.sess
-        if sess.closed:
-            return None, None, None, None, None, None
         (ids,) = ctx.saved_tensors
-        bd = ctx.batch_dim
-        if bd != 0:
-            ids, gy = ids.movedim(bd, 0), gy.movedim(bd, 0)
-        n = ids.shape[0]
-        sess.check_rows(n, ctx.name)
-        ids = ids.reshape(n, -1)
-        B = gy.reshape(n, ids.shape[1], gy.shape[-1])
-        if ctx.padding_idx is not None:
-            ids = torch.where(ids == ctx.padding_idx, torch.full_like(ids, -1), ids)
-        N = sess.n_train
-        V = ctx.weight.shape[0]
-        tr, va = Rows(ids[:N], B[:N], V), Rows(ids[N:], B[N:], V)
-        gw = None
-        if sess.grad_scale is not None and ctx.needs_input_grad[1]:
-            gw = tr.summed().mul_(sess.grad_scale).to(ctx.weight.dtype)
-        sess.add((ctx.weight,), tr, va)
+        gw = embedding_backward(ctx.sess, ctx.name, ids, gy, ctx.weight, ctx.padding_idx,
+                                ctx.batch_dim, ctx.needs_input_grad[1])
         return None, gw, None, None, None, None
+
+
+def embedding_backward(sess, name: str, ids: Tensor, gy: Tensor, weight: nn.Parameter,
+                       padding_idx: int | None, batch_dim: int, need_w: bool) -> Tensor | None:
+    """Hands the session the Rows reps of the table; returns the training rows' gradient scaled
+    for the mean training loss (None where not needed or left alone)."""
+    if sess.closed:
+        return None
+    bd = batch_dim
+    if bd != 0:
+        ids, gy = ids.movedim(bd, 0), gy.movedim(bd, 0)
+    n = ids.shape[0]
+    sess.check_rows(n, name)
+    ids = ids.reshape(n, -1)
+    B = gy.reshape(n, ids.shape[1], gy.shape[-1])
+    if padding_idx is not None:
+        ids = torch.where(ids == padding_idx, torch.full_like(ids, -1), ids)
+    N = sess.n_train
+    V = weight.shape[0]
+    tr, va = Rows(ids[:N], B[:N], V), Rows(ids[N:], B[N:], V)
+    gw = None
+    if sess.grad_scale is not None and need_w:
+        gw = tr.summed().mul_(sess.grad_scale).to(weight.dtype)
+    sess.add((weight,), tr, va)
+    return gw
 
 
 @register(nn.Embedding)
@@ -84,4 +92,6 @@ class GhostEmbedding(GhostModule, nn.Embedding):
             shape = list(input.shape)
             shape[bd] = sess.n_rows
             input = input.expand(shape)
+        if torch.compiler.is_compiling():
+            return torch.ops.inrun.ghost_embedding(input, self.weight, self.padding_idx, name, bd)
         return _GhostEmbeddingFn.apply(input, self.weight, sess, name, self.padding_idx, bd)

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import session as _session
+from . import compiled as _compiled
 from ..reps import Direct, Outer
 from .registry import GhostModule, register
 
@@ -79,4 +80,14 @@ class GhostLinear(GhostModule, nn.Linear):
         if sess is None:
             return F.linear(input, self.weight, self.bias)
         name = getattr(self, "_inrun_name", type(self).__name__)
-        return _GhostLinearFn.apply(input, self.weight, self.bias, sess, name, self.ghost_batch_dim)
+        return ghost_linear(input, self.weight, self.bias, sess, name, self.ghost_batch_dim)
+
+
+def ghost_linear(x: Tensor, weight: nn.Parameter, bias: nn.Parameter | None, sess, name: str,
+                 batch_dim: int) -> Tensor:
+    """The ghost linear op inside session `sess`: the autograd Function in eager mode, the
+    custom op (compiled.py) while torch.compile traces."""
+    if torch.compiler.is_compiling():
+        _compiled.check_no_autocast(x, name)
+        return torch.ops.inrun.ghost_linear(x, weight, bias, name, batch_dim, False)
+    return _GhostLinearFn.apply(x, weight, bias, sess, name, batch_dim)

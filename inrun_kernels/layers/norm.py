@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import session as _session
+from . import compiled as _compiled
 from ..ops.reference import acc_dtype
 from ..reps import Direct
 from .registry import GhostModule, Rule, class_swap_rule, register, register_matcher
@@ -46,26 +47,36 @@ class _GhostAffineFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         (xhat,) = ctx.saved_tensors
-        weight, bias, sess = ctx.weight, ctx.bias, ctx.sess
+        weight = ctx.weight
         gx = (gy * weight).to(xhat.dtype) if ctx.needs_input_grad[0] else None
-        if sess.closed:
-            return gx, None, None, None, None, None
-        bd = ctx.batch_dim
-        sess.check_rows(xhat.shape[bd], ctx.name)
-        N = sess.n_train
-        dt = acc_dtype(gy, xhat)
-        gw = gb = None
-        if weight.requires_grad:
-            g = _per_sample(gy.to(dt) * xhat.to(dt), bd, weight.shape)
-            if sess.grad_scale is not None and ctx.needs_input_grad[1]:
-                gw = (g[:N].sum(0) * sess.grad_scale).to(weight.dtype)
-            sess.add((weight,), Direct(g[:N]), Direct(g[N:]))
-        if bias is not None and bias.requires_grad:
-            g = _per_sample(gy.to(dt), bd, bias.shape)
-            if sess.grad_scale is not None and ctx.needs_input_grad[2]:
-                gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
-            sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+        gw, gb = affine_backward(ctx.sess, ctx.name, xhat, gy, weight, ctx.bias, ctx.batch_dim,
+                                 ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         return gx, gw, gb, None, None, None
+
+
+def affine_backward(sess, name: str, xhat: Tensor, gy: Tensor, weight: nn.Parameter,
+                    bias: nn.Parameter | None, batch_dim: int, need_w: bool, need_b: bool):
+    """Hands the session the per-sample gradients (Direct reps) of weight and bias; returns the
+    training rows' gradients scaled for the mean training loss (None where not needed or left
+    alone)."""
+    if sess.closed:
+        return None, None
+    bd = batch_dim
+    sess.check_rows(xhat.shape[bd], name)
+    N = sess.n_train
+    dt = acc_dtype(gy, xhat)
+    gw = gb = None
+    if weight.requires_grad:
+        g = _per_sample(gy.to(dt) * xhat.to(dt), bd, weight.shape)
+        if sess.grad_scale is not None and need_w:
+            gw = (g[:N].sum(0) * sess.grad_scale).to(weight.dtype)
+        sess.add((weight,), Direct(g[:N]), Direct(g[N:]))
+    if bias is not None and bias.requires_grad:
+        g = _per_sample(gy.to(dt), bd, bias.shape)
+        if sess.grad_scale is not None and need_b:
+            gb = (g[:N].sum(0) * sess.grad_scale).to(bias.dtype)
+        sess.add((bias,), Direct(g[:N]), Direct(g[N:]))
+    return gw, gb
 
 
 def _trainable(*params) -> bool:
@@ -74,6 +85,9 @@ def _trainable(*params) -> bool:
 
 def _affine(mod: nn.Module, sess, xhat: Tensor, weight, bias) -> Tensor:
     name = getattr(mod, "_inrun_name", type(mod).__name__)
+    if torch.compiler.is_compiling():
+        _compiled.check_no_autocast(xhat, name)
+        return torch.ops.inrun.ghost_affine(xhat, weight, bias, name, mod.ghost_batch_dim, False)
     return _GhostAffineFn.apply(xhat, weight, bias, sess, name, mod.ghost_batch_dim)
 
 
