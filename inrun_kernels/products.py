@@ -9,6 +9,7 @@ lm_head) have their own rules restricted to the rows of the tokens involved, so 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -19,6 +20,19 @@ from .ops import reference as ref
 from .ops import rows as rows_ops
 from .ops.budget import temp_budget_elems
 from .reps import Direct, Outer, Rows
+
+
+def _exact(fn):
+    """Products run with autocast off: under torch.autocast (the engine inside the user's
+    autocast block) a matmul of fp32 operands would be cast to bf16/fp16 and the products would
+    lose ~0.4% (bf16) beyond the reps' own rounding. The reps hold what autocast made of the
+    activations; their products accumulate in fp32 (fp64 for fp64), as the Triton kernels do."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
+
 
 _DOT: dict[tuple[type, type], Callable] = {}
 _GRAM: dict[tuple[type, type], Callable] = {}
@@ -31,12 +45,14 @@ def _rule(table, a: type, b: type):
     return deco
 
 
+@_exact
 def dot(train, val, *, per_val: bool) -> Tensor:
     """<g_i, g_v>: [N, M] when per_val, else [N] summed over v."""
     fn = _DOT.get((type(train), type(val)), _dot_materialised)
     return fn(train, val, per_val)
 
 
+@_exact
 def gram(r1, r2=None) -> Tensor:
     """[N1, N2] of <g_i, g_j>; r2=None means r1 against itself (symmetric, cheaper)."""
     if r2 is None:
@@ -48,6 +64,7 @@ def gram(r1, r2=None) -> Tensor:
     return fn(r1, r2)
 
 
+@_exact
 def norms_sq(r) -> Tensor:
     if isinstance(r, Outer):
         return ops.ghost_norms_sq(r.A, r.B, bias=r.bias, lengths=r.lengths)
@@ -180,6 +197,7 @@ def _gram_outer_rows(r1: Outer, r2: Rows) -> Tensor:
 
 
 # ---- dots with a dense vector (estimators: V known only after the backward) -------------------
+@_exact
 def dense_dot(rep, V: Tensor, v_bias: Tensor | None = None) -> Tensor:
     """<g_i, V> for each sample of a rep, [n]. V has the parameter's shape (an Outer rep's weight
     layout: [p, d] with p = B's width); v_bias the bias part of a fused weight+bias Outer rep.
