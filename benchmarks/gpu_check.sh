@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# One prepared GPU check (H200 or any CUDA GPU): GPU tests of the Triton kernels, then the
-# kernel benchmark. Installs nothing: needs torch (CUDA) and triton already present; the
+# One prepared GPU check (H200 or any CUDA GPU): the GPU-eligible test suite through the Triton
+# backend (the kernels, the functional API, the engine and Hugging Face models under bf16
+# autocast, each against float64 oracles and each asserting that kernels were launched), then
+# the kernel benchmark. Installs nothing: needs torch (CUDA) and triton already present; the
 # package is used from this checkout via PYTHONPATH (or an existing `pip install -e .`).
 # Results go to $OUT (default ./gpu_out): pytest log, nvidia-smi, bench_kernels.{md,json}.
 # Usage: OUT=/some/dir bash benchmarks/gpu_check.sh [--full]
 # Default: sized for a 15-minute device session (start-up included): at most ~9.5 minutes of
-# commands (tests 150 s, kernel benchmark --quick 150 s, step benchmark M=1 150 s, estimator
+# commands (tests 210 s, kernel benchmark --quick 120 s, step benchmark M=1 120 s, estimator
 # cost 120 s).
 # --full: every shape of the kernel benchmark and M in {1,4} with memory probes (~20 min).
 set -uo pipefail
@@ -19,7 +21,7 @@ MODE="${1:-}"
 if [ "$MODE" = "--full" ]; then
   QUICK=""; T_TEST=420; T_BENCH=480; T_STEP=420
 else
-  QUICK="--quick"; T_TEST=150; T_BENCH=150; T_STEP=150
+  QUICK="--quick"; T_TEST=210; T_BENCH=120; T_STEP=120
 fi
 
 { nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
@@ -27,12 +29,21 @@ fi
 cat "$OUT/env.txt"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')" || exit 1
 
-# 1) tests on the GPU: every kernel test runs on CUDA tensors (single config per shape,
-#    INRUN_AUTOTUNE=0, to keep compile time down); the `gpu`-marked tests (bf16 tensor cores,
-#    large shapes with autotuning on) run too.
-INRUN_AUTOTUNE=0 timeout $T_TEST python -m pytest tests/test_kernels.py -q -rs -p no:cacheprovider \
-    2>&1 | tee "$OUT/pytest_gpu.txt"
+# 1) the GPU-eligible suite on CUDA tensors with the compiled kernels: every test marked `triton`
+#    (tests/test_triton_backend_end_to_end.py: functional API, engine, GPT-2 / Llama under bf16
+#    autocast against float64 oracles and against the torch backend; tests/test_kernels.py: every
+#    kernel against the float64 reference) and the `gpu`-marked ones (bf16 tensor cores, large
+#    shapes with autotuning on). INRUN_BACKEND=triton: a primitive that cannot run on the kernels
+#    is an error, not a silent fallback; INRUN_AUTOTUNE=0: one config per shape (compile time).
+#    The end-to-end tests first, so a timeout cuts kernel tests rather than them. Any skip here
+#    means something did not run on the GPU: it fails the check.
+INRUN_BACKEND=triton INRUN_AUTOTUNE=0 timeout $T_TEST python -m pytest \
+    tests/test_triton_backend_end_to_end.py tests -m "triton or gpu" -q -rs -p no:cacheprovider \
+    --durations=15 2>&1 | tee "$OUT/pytest_gpu.txt"
 test_rc=${PIPESTATUS[0]}
+if grep -Eq "[0-9]+ (gpu-only )?skipped" "$OUT/pytest_gpu.txt"; then
+  echo "gpu_check: tests were skipped on the GPU (see above)"; test_rc=1
+fi
 
 # 2) benchmark with autotuning on.
 INRUN_AUTOTUNE=1 timeout $T_BENCH python benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \

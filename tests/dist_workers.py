@@ -14,6 +14,7 @@ import inrun_kernels as ik
 from tests.models import TokenMixer, ce_loss, make_data
 from tests.oracle import rel_err
 from tests.test_accumulation import AccOracle
+from tests.test_estimators import TOL
 
 SIZES = {0: (3, 2), 1: (4, 3)}   # per rank: rows of micro-batch 0 and 1 (unequal on purpose)
 OPTS = {"sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, weight_decay=0.01),
@@ -60,23 +61,25 @@ def union_val(world: int, sharded: bool):
 
 
 def _warm(*pairs, rank):
-    """One plain data-parallel step first: the optimizer state exists (Adam's map is twice
-    differentiable only where exp_avg_sq > 0)."""
-    b = make_data(4, (7, 17), 4, seed=777 + rank)
-    for m, o in pairs:
-        ce_loss(m, b).mean().backward()
-        o.step()
-        o.zero_grad()
+    """Three plain data-parallel steps first: the optimizer state exists (Adam's map is twice
+    differentiable only where exp_avg_sq > 0), and the float64 oracle's finite differences of
+    Adam's map are accurate (after one step: second order 1.4e-7 off, after three: 4e-10)."""
+    for s in range(3):
+        b = make_data(4, (7, 17), 4, seed=777 + rank + 10 * s)
+        for m, o in pairs:
+            ce_loss(m, b).mean().backward()
+            o.step()
+            o.zero_grad()
 
 
-def _step_and_check(eng, want, gids, opts, where):
+def _step_and_check(eng, want, gids, opts, where, tol):
     """Both optimizers step (the engine's commits); the step's ids and values are the global
     step's, in rank order."""
     for o in opts:
         o.step()
     assert torch.equal(eng.last_ids, gids), where
     err = rel_err(eng.last_values, want)
-    assert err < 1e-6, (*where, err)
+    assert err <= tol, (*where, err)
 
 
 def _same_on_all_ranks(t: torch.Tensor) -> None:
@@ -94,7 +97,7 @@ def ddp_case(rank, world, *, opt_name, estimator, k, sharded_val, clip=None):
     ddp = nn.parallel.DistributedDataParallel(model)
     ddp_plain = nn.parallel.DistributedDataParallel(plain)
     opt, opt_p = OPTS[opt_name](ddp.parameters()), OPTS[opt_name](ddp_plain.parameters())
-    if estimator == "second":
+    if opt_name == "adamw":
         _warm((ddp, opt), (ddp_plain, opt_p), rank=rank)
     eng = ik.InRunShapley(ddp, opt, ce_loss, val_for(rank, sharded_val), num_samples=3000,
                           estimator=estimator, accumulation_steps=k)
@@ -117,7 +120,8 @@ def ddp_case(rank, world, *, opt_name, estimator, k, sharded_val, clip=None):
             c = min(1.0, clip / (float(norm) + 1e-6))
         orc, gids = global_oracle(ref, model, opt, step, world, k, union_val(world, sharded_val))
         orc.c = c
-        _step_and_check(eng, orc.values(estimator), gids, (opt, opt_p), where=(rank, step))
+        _step_and_check(eng, orc.values(estimator), gids, (opt, opt_p), where=(rank, step, opt_name, estimator),
+                        tol=TOL[estimator])
     _same_on_all_ranks(eng.values)
     _same_on_all_ranks(eng.counts)
     assert int(eng.counts.sum()) == 2 * sum(len(i) for r in range(world) for _, i in batches(0, r, k))
@@ -144,6 +148,8 @@ def fsdp2_case(rank, world, *, opt_name, estimator, k, sharded_val):
             fully_shard(layer)
         fully_shard(m)
     opt, opt_p = OPTS[opt_name](model.parameters()), OPTS[opt_name](plain.parameters())
+    if opt_name == "adamw":
+        _warm((model, opt), (plain, opt_p), rank=rank)
     eng = ik.InRunShapley(model, opt, ce_loss, val_for(rank, sharded_val), num_samples=3000,
                           estimator=estimator, accumulation_steps=k)
     assert eng.dp.kind == "fsdp2" and eng.dp.world == world
@@ -159,7 +165,8 @@ def fsdp2_case(rank, world, *, opt_name, estimator, k, sharded_val):
         live = _FullView(model)
         orc, gids = global_oracle(ref, live, _full_opt(opt, live), step, world, k,
                                   union_val(world, sharded_val))
-        _step_and_check(eng, orc.values(estimator), gids, (opt, opt_p), where=(rank, step))
+        _step_and_check(eng, orc.values(estimator), gids, (opt, opt_p), where=(rank, step, opt_name, estimator),
+                        tol=TOL[estimator])
     _same_on_all_ranks(eng.values)
     for p, q in zip(model.parameters(), plain.parameters()):
         torch.testing.assert_close(full(p), full(q), rtol=1e-12, atol=1e-14)

@@ -36,9 +36,10 @@ import inrun_kernels as ik
 from tests.models import MLP, TokenMixer, Tied, ce_loss, make_data
 from tests.oracle import _cast, flat, loop_grads, rel_err
 
-TOL = 1e-6   # engine vs oracle, relative (2-norm over the batch). Measured: first <= 1e-13,
-#              midpoint <= 3.4e-12, second <= 1e-9 (the oracle's finite-difference D2 sets it),
-#              update="sgd" <= 1.4e-15
+# engine vs oracle, relative (2-norm over the batch), per estimator. Measured: first <= 9.3e-14,
+# midpoint <= 3.4e-12, update="sgd" <= 1.4e-15; second <= 1e-9 (model types; 3.1e-10 on the
+# MLP / mixer cases): the oracle's finite-difference D2 sets it, not the engine (SGD: 2e-15).
+TOL = {"first": 1e-10, "midpoint": 1e-10, "second": 5e-9}
 
 
 # ================================================================================================
@@ -227,7 +228,9 @@ class StepOracle:
         xB, zero = self.xB, torch.zeros_like(self.xB)
         if estimator == "first":
             S = (self.delta(zero) - self.delta(xB)) / torch.where(xB == 0, 1.0, xB)
-            if (xB == 0).any():
+            # where x_B == 0 the secant's limit -D1(0); it matters only where some x_i != 0
+            # (coordinates no sample moves, e.g. unused position rows, take any finite S)
+            if ((xB == 0) & (self.xi != 0).any(0)).any():
                 S = torch.where(xB == 0, -self.d1(zero), S)
             V = S * self.gval
         elif estimator == "midpoint":
@@ -483,7 +486,7 @@ def test_values_match_the_oracle(kind, opt_name, update, estimator):
                           estimator=estimator, update=update)
     want = orc.values(estimator)
     assert torch.isfinite(got).all()
-    assert rel_err(got, want) <= TOL, rel_err(got, want)
+    assert rel_err(got, want) <= TOL[estimator], rel_err(got, want)
     # the test discriminates: the SGD proxy is not the real update under momentum / Adam
     if update == "optimizer" and opt_name not in ("sgd", "sgd_maximize"):
         orc.update = "sgd"
@@ -612,7 +615,7 @@ def test_values_match_the_oracle_on_model_types(kind, estimator):
     opt = torch.optim.AdamW(_trainable(model), lr=1e-2, weight_decay=0.1)
     got, orc = run_engine(model, opt, loss_fn, warm, train, val, estimator=estimator,
                           update="optimizer")
-    assert rel_err(got, orc.values(estimator)) <= TOL, rel_err(got, orc.values(estimator))
+    assert rel_err(got, orc.values(estimator)) <= TOL[estimator], rel_err(got, orc.values(estimator))
 
 
 def test_lora_with_frozen_parameters_in_the_optimizer():
@@ -621,7 +624,7 @@ def test_lora_with_frozen_parameters_in_the_optimizer():
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     got, orc = run_engine(model, opt, loss_fn, warm, train, val, estimator="midpoint",
                           update="optimizer")
-    assert rel_err(got, orc.values("midpoint")) <= TOL
+    assert rel_err(got, orc.values("midpoint")) <= TOL["midpoint"]
 
 
 # ---- gradient clipping between eng.step and optimizer.step -------------------------------------
@@ -643,7 +646,7 @@ def test_clipping_scales_the_applied_gradient(opt_name, estimator):
                           update="optimizer", clip=clip)
     assert 0.25 < orc.c < 0.35                                   # it really clipped
     # measured: SGD ~4e-15, AdamW first 4e-14, midpoint 2e-12
-    assert rel_err(got, orc.values(estimator)) <= TOL, rel_err(got, orc.values(estimator))
+    assert rel_err(got, orc.values(estimator)) <= TOL[estimator], rel_err(got, orc.values(estimator))
     orc.c = 1.0                                                  # ... and that matters
     orc._cache.clear()
     assert rel_err(got, orc.values(estimator)) > 1e-2
@@ -729,6 +732,7 @@ def test_last_values_are_detached(opt_name, estimator):
 def test_manual_commit_commits_once():
     model, warm, train, val = _small("mlp")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    _warm(model, opt, warm)   # past Adam's first step, where its map bends on the scale of x_B
     ref = copy.deepcopy(model)
     eng = ik.InRunShapley(model, opt, ce_loss, val, num_samples=10, estimator="midpoint")
     opt.zero_grad()
@@ -740,7 +744,7 @@ def test_manual_commit_commits_once():
     opt.step()                                   # nothing pending: adds nothing
     assert eng.counts.tolist() == [1] * N + [0] * (10 - N)
     assert torch.equal(eng.values, values)
-    assert rel_err(eng.last_values, orc.values("midpoint")) <= TOL
+    assert rel_err(eng.last_values, orc.values("midpoint")) <= TOL["midpoint"]
 
 
 # ---- errors ------------------------------------------------------------------------------------
@@ -776,11 +780,14 @@ def test_unmodelled_optimizer_is_named_and_sgd_update_suggested(cls):
         ik.InRunShapley(model, opt, ce_loss, val, update="optimizer")
     msg = str(e.value)
     assert cls.__name__ in msg and "sgd" in msg, msg
-    # the SGD proxy works with it
+    # the SGD proxy works with it: (lr / N) <g_i, g_val>
+    ref = copy.deepcopy(model)
     eng = ik.InRunShapley(model, opt, ce_loss, val, update="sgd")
     eng.step(train, torch.arange(N))
+    orc = StepOracle(ref, model, opt, ce_loss, train, val, update="sgd")
     opt.step()
-    assert eng.last_values.shape == (N,) and torch.isfinite(eng.last_values).all()
+    assert eng.last_values.shape == (N,)
+    assert rel_err(eng.last_values, orc.values("first")) <= TOL["first"]
 
 
 def test_step_twice_without_optimizer_step_is_an_error():
@@ -904,7 +911,7 @@ def test_fidelity_check_midpoint_beats_first_and_exact_values_are_exact():
     for key in ("first/optimizer", "midpoint/optimizer", "second/optimizer", "first/sgd",
                 "midpoint/sgd", "second/sgd"):
         est = key.split("/")[0]
-        assert rel_err(rep.values[key], orc.values(est)) <= TOL, key   # SGD: both updates agree
+        assert rel_err(rep.values[key], orc.values(est)) <= TOL[est], key   # SGD: both updates agree
         want = rel_err(orc.values(est), exact)
         assert abs(rep.metrics[key]["rel_err"] - want) <= 1e-6 * max(want, 1e-3), key
     # measured with the oracle: rel_err first 4.0e-2, midpoint 7.0e-5 (ratio ~576)
@@ -935,4 +942,4 @@ def test_fidelity_check_exact_values_by_permutations_under_momentum():
     assert abs(float(rep.exact.sum()) - rep.utility) <= 1e-10
     assert abs(rep.utility - (orc.utility(range(4)) - orc.utility([]))) <= 1e-12
     for est in ESTIMATORS:
-        assert rel_err(rep.values[f"{est}/optimizer"], orc.values(est)) <= TOL, est
+        assert rel_err(rep.values[f"{est}/optimizer"], orc.values(est)) <= TOL[est], est

@@ -18,7 +18,7 @@ def _run(steps, estimator="first", opt_cls=torch.optim.SGD, history_every=2, **k
     eng = ik.InRunShapley(model, opt, ce_loss, val, num_samples=12, groups=GROUPS,
                           group_names=["a", "b", "c"], history_every=history_every,
                           estimator=estimator, **kw)
-    seen = []
+    seen, per_step = [], []
     for s in range(steps):
         ids = torch.randperm(12)[:5]
         with torch.no_grad():
@@ -28,6 +28,9 @@ def _run(steps, estimator="first", opt_cls=torch.optim.SGD, history_every=2, **k
         opt.zero_grad()
         eng.step(make_data(5, (7, 17), 4, seed=10 + s), ids)
         opt.step()
+        per_step.append(torch.zeros(3, dtype=torch.float64).index_add_(
+            0, GROUPS[ids].clamp_min(0), eng.last_values * (GROUPS[ids] >= 0)))
+    eng.per_step_groups = torch.stack(per_step) if per_step else None   # [steps, groups]
     return eng, seen
 
 
@@ -39,6 +42,10 @@ def test_history_rows_sum_to_the_group_totals_and_val_loss_is_recorded(estimator
     want = torch.stack([eng.values[GROUPS == g].sum() for g in range(3)])
     torch.testing.assert_close(eng.history.sum(0), want, rtol=1e-12, atol=1e-15)
     assert eng.history.shape == (3, 3)
+    # each row holds the steps of its own record: 1-2, 3-4, 5
+    by_step = eng.per_step_groups
+    rows = torch.stack([by_step[0:2].sum(0), by_step[2:4].sum(0), by_step[4:5].sum(0)])
+    torch.testing.assert_close(eng.history, rows, rtol=1e-12, atol=1e-15)
     if estimator == "midpoint":   # its validation pass runs at shifted weights: not recorded
         assert torch.isnan(eng.val_loss).all() and eng.val_loss.numel() == 5
     else:
