@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from . import layers  # noqa: F401  (registers the built-in rules)
+from .layers.fallback import GhostFallback, fallback_rule, has_own_trainable, needs_fallback_for_children
 from .layers.registry import GhostModule, lookup, rule_for
 
 
@@ -30,6 +31,12 @@ class Coverage:
     covered: list[str] = field(default_factory=list)     # trainable parameter names covered
     uncovered: list[str] = field(default_factory=list)   # trainable parameter names not covered
     modules: dict[str, str] = field(default_factory=dict)  # uncovered module name -> type
+    # modules covered by the per-sample fallback (layers/fallback.py): name -> (type, numel)
+    fallback: dict[str, tuple[str, int]] = field(default_factory=dict)
+    total_numel: int = 0                                    # trainable parameters, all modules
+    # seconds each fallback module has spent in its forward+backward since patching (read when
+    # coverage() is called): its cost share against a step's time
+    fallback_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -37,6 +44,15 @@ class Coverage:
 
     def __str__(self) -> str:
         lines = [f"{len(self.covered)} trainable parameters covered, {len(self.uncovered)} not"]
+        if self.fallback:
+            fb = sum(k for _, k in self.fallback.values())
+            lines.append(f"  {len(self.fallback)} modules by the per-sample fallback (exact, slower): "
+                         f"{fb} of {self.total_numel} trainable elements "
+                         f"({100.0 * fb / max(1, self.total_numel):.2f}%)")
+            for m, (t, k) in self.fallback.items():
+                sec = self.fallback_seconds.get(m)
+                lines.append(f"    fallback: {m} ({t}, {k} elements"
+                             + (f", {sec:.3f} s so far)" if sec is not None else ")"))
         lines += [f"  not covered: {n}" for n in self.uncovered]
         return "\n".join(lines)
 
@@ -70,12 +86,17 @@ def check_batch_coupling(model: nn.Module) -> None:
             raise err
 
 
-def _walk(model: nn.Module):
-    """(name, module, rule) top-down; children of a module whose rule owns them are skipped."""
+def _walk(model: nn.Module, fallback: bool = False):
+    """(name, module, rule) top-down; children of a module whose rule owns them are skipped.
+    fallback=True: a module with trainable parameters of its own and no native rule gets the
+    per-sample fallback (layers/fallback.py), which owns its children."""
     stack = [("", model)]
     while stack:
         name, mod = stack.pop()
         rule = None if isinstance(mod, GhostModule) else lookup(mod)
+        if (fallback and not isinstance(mod, GhostModule) and (rule is None or not rule.owns_children)
+                and (needs_fallback_for_children(mod, lookup) or (rule is None and has_own_trainable(mod)))):
+            rule = fallback_rule(mod)
         yield name, mod, rule
         if not _owns_children(mod, rule):
             kids = [(f"{name}.{k}" if name else k, m) for k, m in mod.named_children()]
@@ -86,12 +107,16 @@ def _owns_children(mod: nn.Module, rule) -> bool:
     return rule.owns_children if rule is not None else bool(getattr(mod, "ghost_owns_children", False))
 
 
-def _plan(model: nn.Module):
+def _plan(model: nn.Module, fallback: bool = False):
     """The modules to patch and the coverage of trainable parameters (by object: a parameter
     shared by a covered and an uncovered module is uncovered, since that use would be lost)."""
     todo, covered, uncovered = [], {}, {}
     modules: dict[str, str] = {}
-    for name, mod, rule in _walk(model):
+    fb: dict[str, tuple[str, int]] = {}
+    for name, mod, rule in _walk(model, fallback):
+        if isinstance(mod, GhostFallback) or (rule is not None and rule.to_ghost.__module__ == GhostFallback.__module__):
+            cls = mod.__dict__.get("_inrun_orig_class", type(mod))
+            fb[name or "<root>"] = (cls.__name__, sum(p.numel() for p in mod.parameters() if p.requires_grad))
         ghost = rule is not None or isinstance(mod, GhostModule)
         if rule is not None:
             todo.append((name, mod, rule))
@@ -105,7 +130,8 @@ def _plan(model: nn.Module):
                 uncovered.setdefault(id(p), full)
                 modules[name or "<root>"] = type(mod).__name__
     cov = Coverage(covered=[n for k, n in covered.items() if k not in uncovered],
-                   uncovered=list(uncovered.values()), modules=modules)
+                   uncovered=list(uncovered.values()), modules=modules, fallback=fb,
+                   total_numel=sum(p.numel() for p in model.parameters() if p.requires_grad))
     return todo, cov
 
 
@@ -119,24 +145,30 @@ def compiled_inner(model: nn.Module) -> tuple[nn.Module, str]:
     return model, prefix
 
 
-def patch(model: nn.Module, *, strict: bool = True) -> nn.Module:
+def patch(model: nn.Module, *, strict: bool = True, fallback: bool | None = None) -> nn.Module:
     """Swap every supported layer of `model` for its ghost version, in place; returns `model`.
     A torch.compile wrapper is accepted: the module it compiles is patched.
 
-    strict=True: a module with trainable parameters that no rule covers is an error naming it.
+    fallback (default: = strict): a module with trainable parameters of its own that no native
+    rule covers is covered by the exact per-sample fallback (layers/fallback.py: the module run
+    once per sample; slower; a module that couples samples is refused at forward);
+    `coverage(model).fallback` lists them with their sizes.
+    strict=True: a module with trainable parameters that nothing covers is an error naming it.
     strict=False: it is left as is with a warning; `coverage(model)` lists what is not covered."""
+    fallback = strict if fallback is None else fallback
     wrapper, (model, prefix) = model, compiled_inner(model)
     if prefix:
-        cov = coverage(wrapper)   # names as the caller sees them
-        _patch(model, strict, cov)
+        cov = _plan(model, fallback)[1]
+        cov = _prefixed(cov, prefix)   # names as the caller sees them
+        _patch(model, strict, cov, fallback)
         return wrapper
-    _patch(model, strict, None)
+    _patch(model, strict, None, fallback)
     return model
 
 
-def _patch(model: nn.Module, strict: bool, shown: Coverage | None) -> None:
+def _patch(model: nn.Module, strict: bool, shown: Coverage | None, fallback: bool = False) -> None:
     check_batch_coupling(model)
-    todo, cov = _plan(model)
+    todo, cov = _plan(model, fallback)
     if cov.uncovered:
         named = shown or cov
         detail = ", ".join(f"'{m}' ({t})" for m, t in named.modules.items())
@@ -161,7 +193,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, mod in model.named_modules():
         orig = mod.__dict__.get("_inrun_orig_class")
         if orig is not None:
-            rule_for(orig).from_ghost(mod)
+            (fallback_rule(mod) if isinstance(mod, GhostFallback) else rule_for(orig)).from_ghost(mod)
         mod.__dict__.pop("_inrun_name", None)
     model.__dict__.pop("_inrun_coverage", None)
     return wrapper
@@ -176,8 +208,16 @@ def coverage(model: nn.Module) -> Coverage:
     `model` (a torch.compile wrapper's start with "_orig_mod.")."""
     model, prefix = compiled_inner(model)
     cov = model.__dict__.get("_inrun_coverage") or _plan(model)[1]
-    if not prefix:
-        return cov
+    if cov.fallback:
+        mods = dict(model.named_modules())
+        cov.fallback_seconds = {m: float(getattr(mods.get("" if m == "<root>" else m), "_inrun_fb_seconds", 0.0))
+                                for m in cov.fallback}
+    return _prefixed(cov, prefix) if prefix else cov
+
+
+def _prefixed(cov: Coverage, prefix: str) -> Coverage:
+    pre = lambda m: prefix + m if m != "<root>" else prefix.rstrip(".")  # noqa: E731
     return Coverage(covered=[prefix + n for n in cov.covered], uncovered=[prefix + n for n in cov.uncovered],
-                    modules={(prefix + m if m != "<root>" else prefix.rstrip(".")): t
-                             for m, t in cov.modules.items()})
+                    modules={pre(m): t for m, t in cov.modules.items()},
+                    fallback={pre(m): v for m, v in cov.fallback.items()}, total_numel=cov.total_numel,
+                    fallback_seconds={pre(m): v for m, v in cov.fallback_seconds.items()})

@@ -66,7 +66,7 @@ def test_patch_keeps_parameters_names_and_state_dict():
 def test_unsupported_trainable_module_is_an_error_naming_it():
     model = nn.Sequential(nn.Linear(4, 4), nn.Conv1d(1, 1, 3), nn.Linear(2, 2))
     with pytest.raises(ik.UnsupportedModuleError, match=r"'1' \(Conv1d\).*1\.weight, 1\.bias"):
-        ik.patch(model)
+        ik.patch(model, fallback=False)   # (the default covers it by the per-sample fallback)
     assert type(model[0]) is nn.Linear   # nothing half-patched
 
 
@@ -101,7 +101,10 @@ def test_subclass_with_its_own_forward_is_not_covered():
             return super().forward(x) * 2
 
     with pytest.raises(ik.UnsupportedModuleError, match="Odd"):
-        ik.patch(nn.Sequential(Odd(3, 3)))
+        ik.patch(nn.Sequential(Odd(3, 3)), fallback=False)
+    model = nn.Sequential(Odd(3, 3))
+    ik.patch(model)   # by default: the exact per-sample fallback
+    assert list(ik.coverage(model).fallback) == ["0"]
 
 
 def test_batchnorm_in_training_mode_is_an_error():

@@ -85,6 +85,11 @@ def _trainable(*params) -> bool:
 
 def _affine(mod: nn.Module, sess, xhat: Tensor, weight, bias) -> Tensor:
     name = getattr(mod, "_inrun_name", type(mod).__name__)
+    rows = sess.n_rows
+    if (mod.ghost_batch_dim == 0 and xhat.dim() == 2 and weight.dim() == 1 and xhat.shape[0] != rows
+            and xhat.shape[0] % rows == 0):
+        # tokens flattened sample-major, [B * T, d] (OPT's final_layer_norm), as in GhostLinear
+        return _affine(mod, sess, xhat.view(rows, -1, xhat.shape[-1]), weight, bias).reshape(xhat.shape)
     if torch.compiler.is_compiling():
         _compiled.check_no_autocast(xhat, name)
         return torch.ops.inrun.ghost_affine(xhat, weight, bias, name, mod.ghost_batch_dim, False)
