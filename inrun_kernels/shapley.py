@@ -423,8 +423,10 @@ class InRunShapley:
         self.model.eval()
         # fused attention kernels have no double backward; the math one does (same values)
         attention = sdpa_kernel([SDPBackend.MATH]) if hvp is not None else contextlib.nullcontext()
+        # a model compiled in place (model.compile()) has no double backward: that pass runs eager
+        eager = torch.compiler.set_stance("force_eager") if hvp is not None else contextlib.nullcontext()
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad(), attention, eager:
                 losses = gp.check_losses(self.loss_fn(self.model, self.val), self.n_val)
                 gp.check_finite_losses(losses, 0, what=f"InRunShapley step {self.steps} (validation pass)")
                 hv = None
