@@ -321,7 +321,6 @@ def test_what_the_session_keeps_does_not_share_memory_with_op_inputs():
 def test_second_order_with_a_model_compiled_in_place_runs_its_hvp_eagerly():
     """model.compile() has no double backward through the compiled graph: the engine's
     Hessian-vector pass runs with compilation off, and the values equal the eager engine's."""
-
     from tests.models import TokenMixer, ce_loss, make_data
     torch._dynamo.reset()
     torch.manual_seed(0)
