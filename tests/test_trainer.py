@@ -104,11 +104,11 @@ def _own_loss(model, row):
 
 
 def oracle(model0, rows, val, steps, *, lr, max_grad_norm, optimizer="sgd", world=1, id_key="idx",
-           estimator="first"):
+           estimator="first", lrs=None):
     """steps: per optimizer step, per rank, the micro-batches' row positions. Returns (values
     [N], counts [N], the float64 model after the steps, the clipping factors). Values: the
     README's SGD-form first order, (lr / N) c <g_i, g_val>, or (SGD only) the midpoint rule,
-    (lr / N) c <g_i, grad L_val(w - lr c g_bar / 2)>."""
+    (lr / N) c <g_i, grad L_val(w - lr c g_bar / 2)>. lrs: the lr of each step (a schedule)."""
     m = copy.deepcopy(model0).double()
     params = [p for p in m.parameters() if p.requires_grad]
     opt = (torch.optim.SGD(params, lr=lr) if optimizer == "sgd"
@@ -116,7 +116,11 @@ def oracle(model0, rows, val, steps, *, lr, max_grad_norm, optimizer="sgd", worl
     values = torch.zeros(N_TRAIN, dtype=torch.float64)
     counts = torch.zeros(N_TRAIN, dtype=torch.long)
     factors = []
-    for per_rank in steps:
+    for t, per_rank in enumerate(steps):
+        if lrs is not None:
+            lr = lrs[t]
+            for group in opt.param_groups:
+                group["lr"] = lr
         k = len(per_rank[0])
         shares, ids = [], []
         for micro in (mb for rank in per_rank for mb in rank):
@@ -226,6 +230,28 @@ def test_positions_as_ids_default_adamw_and_no_clipping(tmp_path):
     assert rel(tr.inrun_values, values) <= 1e-6
     # Adam's g / sqrt(v) amplifies the float32 rounding of tiny gradient entries
     check_params(dict(model.named_parameters()), ref, model0, 1e-3)
+
+
+def test_the_default_linear_schedule_is_followed(tmp_path):
+    """lr_scheduler_type="linear" (the Trainer's default): the lr falls at every optimizer step
+    (lr (1 - t / T) over T = 5 steps) and each step's values use that step's lr."""
+    rows, val = make_rows()
+    model = tiny_gpt2(2)
+    model0 = copy.deepcopy(model)
+    data = Logged(rows, drop=("idx",))
+    args = targs(tmp_path, lr_scheduler_type="linear", max_steps=5, max_grad_norm=0.0)
+    tr = ik.hf.InRunTrainer(model=model, args=args, train_dataset=data, inrun_val_dataset=val,
+                            inrun_verify=False)
+    tr.train()
+    lrs = [0.2 * (1 - t / 5) for t in range(5)]
+    values, counts, ref, _ = oracle(model0, rows, val, windows(data.log[:20], 4, 1, per_epoch=5),
+                                    lr=0.2, max_grad_norm=0.0, id_key=None, lrs=lrs)
+    assert torch.equal(tr.inrun.counts, counts)
+    assert rel(tr.inrun_values, values) <= 1e-6
+    constant, *_ = oracle(model0, rows, val, windows(data.log[:20], 4, 1, per_epoch=5),
+                          lr=0.2, max_grad_norm=0.0, id_key=None)
+    assert rel(tr.inrun_values, constant) > 1e-2      # the schedule matters
+    check_params(dict(model.named_parameters()), ref, model0, 1e-5)
 
 
 def test_default_optimizer_aware_values_as_the_engine_by_hand(tmp_path):

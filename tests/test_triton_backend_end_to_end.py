@@ -16,7 +16,7 @@ from torch import nn
 
 import inrun_kernels as ik
 from inrun_kernels import ops
-from tests.models import MLP, Tied, TokenMixer, ce_loss, make_data
+from tests.models import Tied, TokenMixer, ce_loss, make_data
 from tests.oracle import Oracle, _cast, flat, loop_grads, rel_err
 from tests.test_estimators import AttnNet, StepOracle
 
