@@ -228,7 +228,7 @@ def test_mha_cross_attention_routes_float32(route, monkeypatch):
     monkeypatch.setenv("INRUN_ROUTE", route)
     model = _jitter(AttnModel("cross")).float()
     train, val = attn_data(5, "cross", torch.float32, 1), attn_data(3, "cross", torch.float32, 2)
-    _check_products(model, attn_loss, train, val, tol_total=1e-4, per_param=False)
+    _check_products(model, attn_loss, train, val, tol_total=1e-6, per_param=False)   # measured 1.7e-7
 
 
 # ---- 3. products against the oracle: Transformer modules ----------------------------------
@@ -348,7 +348,7 @@ def test_transformer_products_match_oracle(kind, bf, norm_first, norms):
 def test_transformer_encoder_float32_totals(bf, norms):
     model, loss_fn, data = _build("enc", bf, norms)
     train, val = data(5, torch.float32, 1), data(3, torch.float32, 2)
-    _check_products(model, loss_fn, train, val, tol_total=1e-4, per_param=False)
+    _check_products(model, loss_fn, train, val, tol_total=1e-6, per_param=False)   # measured 1.1e-7
 
 
 def test_seq_first_transformer_sets_and_restores_batch_dims():

@@ -8,7 +8,7 @@ import inrun_kernels as ik
 from tests.models import MLP, Tied, TokenMixer, ce_loss, make_data
 from tests.oracle import Oracle, flat, func_grads, loop_grads, rel_err
 
-TOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+TOL = {torch.float64: 1e-10, torch.float32: 1e-6}   # measured: 7e-16 / 2.5e-7
 
 
 def setup_case(kind, bias, dtype, n=6, m=3):

@@ -63,6 +63,7 @@ def _engine_matches_the_oracle(model, loss_fn, train, val, lr=0.1):
     assert rel_err(eng.last_values, want) <= TOL, rel_err(eng.last_values, want)
 
 
+@torch.no_grad()
 def test_causal_lm_loss_uses_explicit_labels_with_ignored_tokens():
     model = build("gpt2_tied").double()
     batch = make_batch(4, seed=3)
@@ -77,6 +78,7 @@ def test_causal_lm_loss_uses_explicit_labels_with_ignored_tokens():
     assert rel_err(ik.causal_lm_loss(model, no_labels), want) > 1e-2
 
 
+@torch.no_grad()
 def test_causal_lm_loss_without_labels_ignores_padding():
     model = build("gpt2_tied").double()
     batch = make_batch(4, seed=5)
@@ -144,6 +146,7 @@ CLS_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CLS_CASES))
+@torch.no_grad()
 def test_sequence_classification_loss_matches_the_models_own_loss(case):
     num_labels, problem, kind = CLS_CASES[case]
     model = _cls_model(num_labels, problem)

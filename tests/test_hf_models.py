@@ -1,7 +1,7 @@
 """Hugging Face models patched in place (tiny random configs, no downloads): GPT-2 LM (tied and
 untied wte/lm_head), Llama LM, GPT-2 sequence classification, with right padding and
 attention masks. Against a float64 batch-size-1 loop over the ORIGINAL model: per-parameter
-dot (<= 1e-10 rel. in float64), totals (<= 1e-4 in float32), per-val dots, norms, Grams; and the
+dot (<= 1e-10 rel. in float64), totals (<= 2e-6 in float32), per-val dots, norms, Grams; and the
 engine's training matches plain AdamW training."""
 from __future__ import annotations
 
@@ -139,10 +139,10 @@ def test_products_float32(kind):
     model = build(kind)
     loss_fn = loss_for(kind)
     got = ik.grad_dot(model, loss_fn, o["train"], o["val"])
-    assert got.dtype == torch.float32
-    assert rel(got, o["dot"]) <= 1e-4
-    assert rel(ik.grad_gram(model, loss_fn, o["train"]), o["gram"]) <= 1e-4
-    assert rel(ik.grad_norms(model, loss_fn, o["train"]), o["norms"]) <= 1e-4
+    assert got.dtype == torch.float32   # measured <= 6.3e-7 (gpt2_tied), 2e-7 (others)
+    assert rel(got, o["dot"]) <= 2e-6
+    assert rel(ik.grad_gram(model, loss_fn, o["train"]), o["gram"]) <= 2e-6
+    assert rel(ik.grad_norms(model, loss_fn, o["train"]), o["norms"]) <= 2e-6
 
 
 # ---- patching ----------------------------------------------------------------------------------

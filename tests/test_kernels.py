@@ -33,8 +33,11 @@ needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU w
 pytestmark = pytest.mark.triton
 
 # Relative tolerance per input dtype, applied to the sum of |terms| (the reference run on |inputs|),
-# so cancellation in the signed sum cannot make the check vacuous or flaky.
-TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+# so cancellation in the signed sum cannot make the check vacuous or flaky. Measured here (the
+# interpreter): fp32 1.4e-7, fp16 9.4e-8 (fp16 products are exact in the fp32 accumulator; the
+# reference gets the same rounded inputs). The GPU's fp32 dots use tf32x3 (about fp32
+# accuracy); bf16 is checked on a GPU only (the interpreter upcasts it), at its old bound.
+TOL = {torch.float32: 2e-6, torch.float16: 1e-5, torch.bfloat16: 2e-2}
 
 # (N, T, d, p, M, S): odd sizes (not multiples of any block), powers of 2, 2-D layers (T=S=1),
 # and S >= 64 (per-sample column groups also when summing over validation samples).

@@ -13,7 +13,7 @@ from torch import nn
 import inrun_kernels as ik
 from inrun_kernels.layers.registry import GhostModule
 
-RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-6}   # measured: 1e-15 / 1.5e-7
 
 
 # ---- oracle ------------------------------------------------------------------------------------

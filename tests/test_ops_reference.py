@@ -88,7 +88,7 @@ def test_float32_inputs_give_float32():
     out = ops.ghost_dot(A, B, Av, Bv, bias=True)
     assert out.dtype == torch.float32
     want = per_sample(A.double(), B.double(), True) @ per_sample(Av.double(), Bv.double(), True).sum(0)
-    assert rel_err(out, want) < 1e-5
+    assert rel_err(out, want) < 5e-7   # measured 6e-8
 
 
 def test_cost_model_prefers_dense_for_long_sequences():
