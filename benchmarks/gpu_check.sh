@@ -17,6 +17,7 @@ mkdir -p "$OUT"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=0              # compiled kernels (conftest only sets it when unset)
 export TRITON_DEFAULT_FP_FUSION=1
+PY="${PYTHON:-$(command -v python3 || command -v python)}"   # the machine's python3 holds torch
 MODE="${1:-}"
 if [ "$MODE" = "--full" ]; then
   QUICK=""; T_TEST=420; T_BENCH=480; T_STEP=420
@@ -24,10 +25,10 @@ else
   QUICK="--quick"; T_TEST=210; T_BENCH=120; T_STEP=120
 fi
 
-{ nvidia-smi || true; python -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
+{ nvidia-smi || true; "$PY" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"; } \
     > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')" || exit 1
+"$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device visible')" || exit 1
 
 # 1) the GPU-eligible suite on CUDA tensors with the compiled kernels: every test marked `triton`
 #    (tests/test_triton_backend_end_to_end.py: functional API, engine, GPT-2 / Llama under bf16
@@ -37,7 +38,7 @@ python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no C
 #    is an error, not a silent fallback; INRUN_AUTOTUNE=0: one config per shape (compile time).
 #    The end-to-end tests first, so a timeout cuts kernel tests rather than them. Any skip here
 #    means something did not run on the GPU: it fails the check.
-INRUN_BACKEND=triton INRUN_AUTOTUNE=0 timeout $T_TEST python -m pytest \
+INRUN_BACKEND=triton INRUN_AUTOTUNE=0 timeout $T_TEST "$PY" -m pytest \
     tests/test_triton_backend_end_to_end.py tests -m "triton or gpu" -q -rs -p no:cacheprovider \
     --durations=15 2>&1 | tee "$OUT/pytest_gpu.txt"
 test_rc=${PIPESTATUS[0]}
@@ -46,7 +47,7 @@ if grep -Eq "[0-9]+ (gpu-only )?skipped" "$OUT/pytest_gpu.txt"; then
 fi
 
 # 2) benchmark with autotuning on.
-INRUN_AUTOTUNE=1 timeout $T_BENCH python benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \
+INRUN_AUTOTUNE=1 timeout $T_BENCH "$PY" benchmarks/bench_kernels_gpu.py --out "$OUT" $QUICK \
     2>&1 | tee "$OUT/bench_log.txt"
 bench_rc=${PIPESTATUS[0]}
 
@@ -59,17 +60,17 @@ if [ "$QUICK" = "--quick" ]; then
 else
   STEP_ARGS=(--preset gpu)
 fi
-timeout $T_STEP python -m benchmarks.run "${STEP_ARGS[@]}" --out "$OUT/step_gpu.json" \
+timeout $T_STEP "$PY" -m benchmarks.run "${STEP_ARGS[@]}" --out "$OUT/step_gpu.json" \
     2>&1 | tee "$OUT/step_log.txt"
 step_rc=${PIPESTATUS[0]}
-python -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.md" \
+"$PY" -m benchmarks.report --json "$OUT/step_gpu.json" --out "$OUT/RESULTS_gpu.md" \
     2>&1 | tee -a "$OUT/step_log.txt"
 
 # 4) estimator cost (issue 8's GPU target: midpoint >= 70% of plain throughput, i.e. a step
 #    ratio <= 1.43): plain / concat / first (sgd, optimizer) / midpoint / second, GPT-2 small,
 #    T=1024, N=16, M=1, bf16 autocast, AdamW. Default: 3 rounds, no memory probes.
 if [ "$QUICK" = "--quick" ]; then EST_ARGS=(--rounds 3 --no-memory); T_EST=120; else EST_ARGS=(); T_EST=420; fi
-timeout $T_EST python -m benchmarks.run --estimators "${EST_ARGS[@]}" \
+timeout $T_EST "$PY" -m benchmarks.run --estimators "${EST_ARGS[@]}" \
     --config n_layer=12,d=768,n_head=12,vocab=50257,T=1024,N=16,M=1,autocast=bf16,device=cuda \
     --out "$OUT/estimators_gpu.json" 2>&1 | tee "$OUT/estimators_log.txt"
 est_rc=${PIPESTATUS[0]}
