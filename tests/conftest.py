@@ -80,7 +80,7 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     if rep.skipped and not hasattr(rep, "wasxfail"):
         reason = _skip_reason(rep).split("Skipped:", 1)[-1].strip()
-        if reason in ("", "unconditional skip", "<Skipped instance>"):
+        if reason in ("", "Skipped", "unconditional skip", "<Skipped instance>"):
             rep.outcome = "failed"
             rep.longrepr = f"{item.nodeid}: skipped without a reason (every skip must say why)"
 
