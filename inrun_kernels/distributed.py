@@ -139,14 +139,14 @@ class DataParallel:
         if not live:
             return grads
         dev = self._device()
-        flat = torch.cat([_local(g).reshape(-1).to(dev, torch.float64) for g in live]) * (n_val / total)
+        flat = torch.cat([local_shard(g).reshape(-1).to(dev, torch.float64) for g in live]) * (n_val / total)
         dist.all_reduce(flat, group=self.group)
         out, at = [], 0
         for g in grads:
             if g is None:
                 out.append(None)
                 continue
-            loc = _local(g)
+            loc = local_shard(g)
             part = flat[at:at + loc.numel()].view(loc.shape).to(loc.device, loc.dtype)
             at += loc.numel()
             out.append(_like(g, part))
@@ -162,7 +162,8 @@ def _fingerprint(t: Tensor) -> float:
     return float((torch.nan_to_num(x) * w).sum()) + 1e-3 * x.numel()
 
 
-def _local(t: Tensor) -> Tensor:
+def local_shard(t: Tensor) -> Tensor:
+    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
     return t.to_local() if is_dtensor(t) else t
 
 

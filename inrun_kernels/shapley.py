@@ -34,7 +34,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from . import ghost_pass as gp
 from . import products
 from .batch import batch_size, check_same_structure, pad_common
-from .distributed import ParamAliases, data_parallel, full, unwrap
+from .distributed import ParamAliases, data_parallel, full, local_shard, unwrap
 from .estimators import StepContext, make_estimator
 from .history import StepRecorder, check_groups
 from .layers.dropout import functional_dropouts
@@ -78,7 +78,7 @@ def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
     """(sum, sum of squares) of each p.grad, float64, left on its device (no sync here)."""
     out = []
     for p in params:
-        g = None if p.grad is None else _local(p.grad.detach())
+        g = None if p.grad is None else local_shard(p.grad.detach())
         out.append(None if g is None else torch.stack(
             [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]))
     return out
@@ -87,7 +87,7 @@ def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
 def _check_no_stale_grad(params: list[nn.Parameter], names: dict[int, str]) -> None:
     """A gradient left from before the step would be applied with this step's but valued by
     nobody: an error (one reduction, one sync, only when some .grad exists)."""
-    grads = [_local(p.grad) for p in params if p.grad is not None]
+    grads = [local_shard(p.grad) for p in params if p.grad is not None]
     if not grads:
         return
     norms = torch._foreach_norm([g.detach() for g in grads])
@@ -113,11 +113,6 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
     if missing:
         warnings.warn(f"the optimizer does not update {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                       "they contribute nothing to the values", stacklevel=3)
-
-
-def _local(t: Tensor) -> Tensor:
-    """This rank's shard of an FSDP2 DTensor; a plain tensor as it is."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _on_cpu(fp: list[Tensor | None]) -> Tensor:

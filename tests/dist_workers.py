@@ -4,7 +4,6 @@ the union of every rank's rows, each row weighted as the data-parallel mean weig
 from __future__ import annotations
 
 import copy
-import os
 
 import torch
 import torch.distributed as dist
@@ -21,10 +20,10 @@ OPTS = {"sgd_momentum": lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.9, we
         "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1)}
 
 
-def init(rank: int, world: int, port: int) -> None:
-    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+def init(rank: int, world: int, rendezvous: str) -> None:
+    # a file rendezvous: no free-port race between picking a port and binding it
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
 
 
 def batches(step: int, rank: int, k: int):
@@ -239,8 +238,8 @@ def refusals_case(rank, world):
         ik.InRunShapley(ddp, torch.optim.SGD(ddp.parameters(), lr=0.1), ce_loss, odd)
 
 
-def run(rank: int, world: int, port: int, case: str, kwargs_list: list[dict]) -> None:
-    init(rank, world, port)
+def run(rank: int, world: int, rendezvous: str, case: str, kwargs_list: list[dict]) -> None:
+    init(rank, world, rendezvous)
     try:
         for kw in kwargs_list:
             {"ddp": ddp_case, "fsdp2": fsdp2_case, "refusals": refusals_case}[case](rank, world, **kw)

@@ -5,7 +5,8 @@ Each case runs in both ranks (tests/dist_workers.py) and checks, at every optimi
 oracle of the GLOBAL step (the union of both ranks' rows, row weights 1 / (W k n_r)), that the
 step's ids arrive in rank order on every rank, and at the end that values and counts are
 identical on both ranks. Local batch sizes differ between ranks on purpose."""
-import socket
+import os
+import tempfile
 
 import pytest
 import torch
@@ -18,14 +19,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="torch built without gloo")
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(case: str, kwargs_list: list[dict]) -> None:
-    mp.spawn(dist_workers.run, args=(2, _port(), case, kwargs_list), nprocs=2, join=True)
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(dist_workers.run, args=(2, os.path.join(d, "rendezvous"), case, kwargs_list),
+                 nprocs=2, join=True)
 
 
 def test_ddp_values_grads_and_ledgers_equal_the_global_step():
