@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,7 @@ class _Pending:
         self.kept: list = []          # [(params, rep, weight, row offset)] for the dense-V products
         self.v: dict | None = None    # the "prefetched" route's V, from the window's validation pass
         self.val_loss: Tensor | None = None   # mean validation loss at the step's weights, if seen
+        self.slopes: list | None = None   # in-backward routes: each parameter's update slope used
         self.n = self.micro = 0
 
     def add(self, ids: Tensor, raw: Tensor | None, kept: list, weight: float) -> None:
@@ -255,6 +256,7 @@ class InRunShapley:
         run = dict(forward_model=self._forward_model, grad_scale=grad_scale, ids=ids, what=what,
                    canonical=self._aliases.canonical if self._aliases else None)
         route = self._route(params)
+        slopes = None if route == "deferred" else [self.update.constant_slope(p) for p in params]
         try:
             if route == "prefetched":   # V = slope (.) g_val, from one validation pass per window
                 v = pend.v if pend is not None else self._prefetch_v(params)
@@ -265,7 +267,7 @@ class InRunShapley:
                 gp.check_finite(raw, what, ids)
             elif route == "joined":
                 self._warn_functional_dropout()
-                scale = {p: self.update.constant_slope(p) * weight / self.n_val for p in params}
+                scale = {p: s * weight / self.n_val for p, s in zip(params, slopes)}
                 train, val = pad_common(train, self.val, self.pad_values)
                 sess, losses = gp.run(self.model, self.loss_fn, train, val, train_grad=True,
                                       dot=True, dot_scale=scale, **run)
@@ -289,6 +291,7 @@ class InRunShapley:
             pend = self._pending = _Pending(params)
             if route == "prefetched":
                 pend.v = v
+            pend.slopes = slopes
             pend.val_loss = None if self.dp.val_sharded else val_loss
         pend.add(ids, raw, sess.kept, weight)
         self.last_losses = losses[:n]
@@ -331,7 +334,7 @@ class InRunShapley:
         pend, self._pending = self._pending, None
         if pend is None:
             return None
-        c = self._rescale(pend)
+        c = self._rescale(pend) * self._slope_change(pend)
         self._val_loss_at_w = None
         ids = pend.all_ids
         values = (torch.cat(pend.raw) if pend.raw else self._dense_values(pend)) * c
@@ -378,6 +381,39 @@ class InRunShapley:
                 f"the update no longer splits into per-sample shares. Nothing was recorded for ids "
                 f"{pend.all_ids.tolist()[:8]}{' ...' if pend.n > 8 else ''}")
         return c
+
+    def _slope_change(self, pend: _Pending) -> float:
+        """The in-backward routes formed the values with each parameter's update slope (lr,
+        momentum, sign) as it was at eng.step(). A scheduler stepped before optimizer.step()
+        changes the update: one common factor over all parameters is followed; anything else
+        would need per-parameter values, which those routes do not keep: an error."""
+        if pend.slopes is None:
+            return 1.0
+        self.update.refresh()
+        now = [self.update.constant_slope(p) for p in pend.params]
+        if now == pend.slopes:
+            return 1.0
+        factors: dict[float | None, list[str]] = {}
+        for p, then, new in zip(pend.params, pend.slopes, now):
+            if then == new == 0:
+                continue
+            r = None if new is None or then == 0 else new / then
+            near = next((f for f in factors if f is not None and r is not None
+                         and abs(r - f) <= 1e-12 * abs(f)), r)
+            factors.setdefault(near, []).append(self._names.get(id(p), f"param@{id(p):x}"))
+        if len(factors) > 1 or None in factors:
+            ids = pend.all_ids.tolist()
+            seen = "; ".join(f"{'not affine' if f is None else f'x{f:.4g}'}: {ns[:3]}"
+                             f"{' ...' if len(ns) > 3 else ''}" for f, ns in factors.items())
+            raise RuntimeError(
+                "InRunShapley: the update changed between eng.step() and optimizer.step() (lr or "
+                "momentum set in between, e.g. a scheduler stepped before the optimizer) by factors "
+                f"that differ between parameters ({seen}). With estimator='first' and an SGD-type "
+                "update the values are formed in eng.step()'s backward with that moment's slopes, "
+                "summed over parameters, so they cannot follow it: step the scheduler after "
+                "optimizer.step(), or use estimator='midpoint'. Nothing was recorded for ids "
+                f"{ids[:8]}{' ...' if len(ids) > 8 else ''}")
+        return next(iter(factors), 1.0)
 
     def _dense_values(self, pend: _Pending) -> Tensor:
         """weight_i * sum over kept reps of <g_i, V_p>, V from the estimator at the applied gradient
@@ -432,7 +468,7 @@ class InRunShapley:
                                                 create_graph=hvp is not None)
                     if hvp is not None:
                         live = [(g, p) for g, p in zip(grads, params) if g is not None and g.requires_grad]
-                        hv = _hessian_vector(live, params, hvp)
+                        hv = _hessian_vector(live, params, hvp, losses)
                         hv = dict(zip(hv, self.dp.val_mean(list(hv.values()), self.n_val)))
                     grads = self.dp.val_mean([None if g is None else g.detach() for g in grads], self.n_val)
         finally:
@@ -564,11 +600,47 @@ def _batch_digest(batch: Any) -> str:
     return _digest("|".join(parts))
 
 
+def _graph_nodes(roots: list) -> Iterator:
+    """Every autograd node reachable from `roots` (grad_fn objects), each once."""
+    seen, stack = set(), [r for r in roots if r is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        yield fn
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
+
+
+def _once_differentiable(fn) -> bool:
+    """A custom autograd.Function node whose backward is wrapped by @once_differentiable."""
+    code = getattr(getattr(getattr(fn, "_forward_cls", None), "backward", None), "__code__", None)
+    return code is not None and "once_differentiable" in code.co_qualname
+
+
+def _check_twice_differentiable(grads: list[Tensor], losses: Tensor) -> None:
+    """A backward marked @once_differentiable returns its gradient through an Error node fed by
+    detached copies: autograd.grad never reaches it, so the Hessian-vector product would silently
+    miss every term through that op. Any Error node in the gradient's graph is refused."""
+    if not any(fn.name() == "torch::autograd::Error" for fn in _graph_nodes([g.grad_fn for g in grads])):
+        return
+    once = sorted({fn._forward_cls.__qualname__ for fn in _graph_nodes([losses.grad_fn])
+                   if _once_differentiable(fn)})
+    what = f"autograd Functions marked @once_differentiable: {once}" if once else \
+        "an op whose backward is not differentiable"
+    raise RuntimeError(
+        "estimator='second' needs the validation loss to be twice differentiable (a Hessian-vector "
+        f"product), and the model has an op without a double backward ({what}): the terms through "
+        "it would be dropped. Use estimator='midpoint' (no Hessian, at least as accurate), or a "
+        "twice-differentiable implementation of that op")
+
+
 def _hessian_vector(live: list[tuple[Tensor, nn.Parameter]], params: list[nn.Parameter],
-                    u: dict[int, Tensor]) -> dict[int, Tensor]:
+                    u: dict[int, Tensor], losses: Tensor) -> dict[int, Tensor]:
     zeros = {id(p): torch.zeros_like(p) for p in params}
     if not live:
         return zeros
+    _check_twice_differentiable([g for g, _ in live], losses)
     try:
         hv = torch.autograd.grad([g for g, _ in live], params, allow_unused=True,
                                  grad_outputs=[u[id(p)].to(g.dtype) for g, p in live])

@@ -126,14 +126,12 @@ def test_second_order_without_a_double_backward_is_an_error_suggesting_midpoint(
     assert eng.steps == 0
 
 
-@pytest.mark.xfail(strict=True, reason="library bug (reported): a once_differentiable op's missing "
-                   "double backward is skipped silently (autograd.grad(allow_unused=True) never "
-                   "reaches its DelayedError node): the Hessian-vector product misses the terms "
-                   "through it (values 1.8e-2 off under SGD) instead of the documented error")
 def test_second_order_through_a_once_differentiable_op_is_an_error():
     eng, opt = _second_order_step(OnceNet().double())
-    with pytest.raises(RuntimeError, match="double backward.*estimator='midpoint'"):
+    with pytest.raises(RuntimeError, match=r"double backward \(autograd Functions marked "
+                       r"@once_differentiable: \['_OnceDifferentiableTanh'\]\).*estimator='midpoint'"):
         opt.step()
+    assert eng.steps == 0
 
 
 def test_second_order_through_sdpa_attention_equals_eager():
