@@ -14,7 +14,15 @@ Reported per row: median ms (p20/p80), achieved TFLOP/s (Gram route counted as
 memory above the inputs (torch.cuda.max_memory_allocated), and a bf16 torch.matmul TFLOP/s
 reference. Writes bench_kernels.md and bench_kernels.json to --out (default $OUT or .).
 
-Usage: python benchmarks/bench_kernels_gpu.py [--out DIR] [--quick]
+--split: instead, the split route (kernels/ghost_split.py: weight gradient + <g_i, V> in one
+pass, fp32 V) against cuBLAS's weight-gradient GEMM alone, torch.mm(B.reshape(-1, p).T,
+A.reshape(-1, d)) in bf16, at N in {8, 16} (--quick: 16), T in {128, 256, 1024}, d = p in
+{768, 1024, 2048, 4096}, bf16 inputs. Interleaved rounds per shape; reported: the ratio of
+median times split / GEMM (target <= 1.10), both TFLOP/s (2 N T p d), peak memory, the chosen
+config, and the split's error against an fp32 GEMM and reference.dot_dense. Written after every
+shape to bench_split.md and bench_split.json (a timeout keeps the shapes done).
+
+Usage: python benchmarks/bench_kernels_gpu.py [--out DIR] [--quick] [--split]
 """
 from __future__ import annotations
 
@@ -37,7 +45,7 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from inrun_kernels.kernels import ghost_dot, ghost_gram  # noqa: E402
+from inrun_kernels.kernels import ghost_dot, ghost_gram, ghost_split  # noqa: E402
 from inrun_kernels.ops import reference as ref  # noqa: E402
 from inrun_kernels.ops.budget import temp_budget  # noqa: E402
 
@@ -120,10 +128,123 @@ def run_case(results, name, shape, fn, flops, note=""):
           f"{(r.get('tflops') or 0):7.1f} TFLOP/s  {r.get('peak_mb', 0):9.1f} MB  {r.get('note', '')}", flush=True)
 
 
+# ---- the split route vs cuBLAS's weight-gradient GEMM (--split) -------------------------------
+SPLIT_TARGET = 1.10
+SPLIT_ROUNDS = 3
+
+
+def _split_config(T, d, p) -> str:
+    """The config the last split launch used: the autotuner's pick, or the only candidate."""
+    cfgs = ghost_split.configs(T, d, p)
+    cfg = cfgs[0] if len(cfgs) == 1 else getattr(ghost_split._autotuned, "best_config", None)
+    if cfg is None:
+        return "?"
+    return f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}" + (" (only config)" if len(cfgs) == 1 else "")
+
+
+def _rel(x, y) -> float:
+    return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
+
+
+def split_case(N, T, dp):
+    """One shape: interleaved rounds of the GEMM alone and the split route; ratio of medians."""
+    d = p = dp
+    A = torch.randn(N, T, d, device=DEV, dtype=DT)
+    B = torch.randn(N, T, p, device=DEV, dtype=DT) * 0.01
+    V = torch.randn(p, d, device=DEV, dtype=torch.float32)
+    a2, b2 = A.reshape(-1, d), B.reshape(-1, p)
+
+    def gemm():
+        return torch.mm(b2.T, a2)
+
+    def split():
+        return ghost_split.split_dot(A, B, V)
+
+    W, _, dots = split()                      # autotunes on the first call (excluded from timing)
+    torch.cuda.synchronize()
+    err_w = _rel(W, torch.mm(b2.T.float(), a2.float()))
+    err_dots = _rel(dots, ref.dot_dense(A, B, V))
+    del W, dots
+    config = _split_config(T, d, p)
+    res = {}
+    for name, fn in (("gemm", gemm), ("split", split)):
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        res[name] = {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "p50": []}
+    for _ in range(SPLIT_ROUNDS):             # interleaved: GEMM, split, GEMM, split, ...
+        for name, fn in (("gemm", gemm), ("split", split)):
+            q = do_bench(fn, warmup=10, rep=40, quantiles=QUANT)
+            res[name]["p50"].append(float(q[1]))
+    flops = 2.0 * N * T * p * d
+    out = {"N": N, "T": T, "d": d, "p": p, "config": config, "err_W": err_w, "err_dots": err_dots}
+    for name in ("gemm", "split"):
+        ms = sorted(res[name]["p50"])[len(res[name]["p50"]) // 2]
+        out[f"{name}_ms"] = ms
+        out[f"{name}_rounds_p50"] = res[name]["p50"]
+        out[f"{name}_tflops"] = flops / (ms * 1e-3) / 1e12
+        out[f"{name}_peak_mb"] = res[name]["peak_mb"]
+    out["ratio"] = out["split_ms"] / out["gemm_ms"]
+    del A, B, V, a2, b2
+    torch.cuda.empty_cache()
+    return out
+
+
+def _write_split(outdir, meta, results):
+    with open(os.path.join(outdir, "bench_split.json"), "w") as f:
+        json.dump({"meta": meta, "target_ratio": SPLIT_TARGET, "results": results}, f, indent=1)
+    done = [r for r in results if "ratio" in r]
+    ok = sum(r["ratio"] <= SPLIT_TARGET for r in done)
+    lines = [f"# Split route vs cuBLAS weight-gradient GEMM ({meta['gpu']}, torch {meta['torch']}, "
+             f"triton {meta['triton']}, bf16 A/B, fp32 V, autotune={meta['autotune']})", "",
+             "split = ghost_split.split_dot(A, B, V): weight gradient (fp32) + <g_i, V> for every sample; "
+             "gemm = torch.mm(B.reshape(-1, p).T, A.reshape(-1, d)) (bf16 out). "
+             f"Ratio of median times over {SPLIT_ROUNDS} interleaved rounds; target <= {SPLIT_TARGET:.2f}x. "
+             f"{ok}/{len(done)} shapes meet it.", "",
+             "| N | T | d=p | gemm ms | split ms | ratio | gemm TFLOP/s | split TFLOP/s | split peak MB | "
+             "err W | err dots | config |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if "ratio" in r:
+            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | {r['gemm_ms']:.4f} | {r['split_ms']:.4f} | "
+                         f"**{r['ratio']:.3f}** | {r['gemm_tflops']:.1f} | {r['split_tflops']:.1f} | "
+                         f"{r['split_peak_mb']:.1f} | {r['err_W']:.1e} | {r['err_dots']:.1e} | {r['config']} |")
+        else:
+            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | - | - | - | - | - | - | - | - | {r['note']} |")
+    with open(os.path.join(outdir, "bench_split.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return lines
+
+
+def run_split(args, meta):
+    Ns = (16,) if args.quick else (8, 16)
+    results = []
+    for N in Ns:
+        for T in (128, 256, 1024):
+            for dp in (768, 1024, 2048, 4096):
+                try:
+                    r = split_case(N, T, dp)
+                    print(f"split N={N:2d} T={T:4d} d=p={dp:4d}  gemm {r['gemm_ms']:.4f} ms  split "
+                          f"{r['split_ms']:.4f} ms  ratio {r['ratio']:.3f}  err W {r['err_W']:.1e} "
+                          f"dots {r['err_dots']:.1e}  {r['config']}", flush=True)
+                except Exception as e:  # report and keep going
+                    traceback.print_exc()
+                    r = {"N": N, "T": T, "d": dp, "p": dp, "note": f"error: {type(e).__name__}: {e}"[:300]}
+                    torch.cuda.empty_cache()
+                results.append(r)
+                _write_split(args.out, meta, results)
+    print("\n".join(_write_split(args.out, meta, results)))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--split", action="store_true",
+                    help="only the split route vs the cuBLAS weight-gradient GEMM (bench_split.md/json)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(0)
@@ -131,6 +252,10 @@ def main():
     meta = {"gpu": props.name, "sms": props.multi_processor_count, "torch": torch.__version__,
             "triton": triton.__version__, "python": platform.python_version(), "dtype": str(DT),
             "autotune": os.environ.get("INRUN_AUTOTUNE", "1"), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if args.split:
+        print(meta, flush=True)
+        run_split(args, meta)
+        return
     meta["bf16_matmul_tflops"] = matmul_tflops()
     print(meta, flush=True)
 

@@ -130,6 +130,36 @@ class GhostSession:
             if self._seen[key] >= self._expected[key]:
                 self._flush(key)
 
+    def split_source(self, params: tuple) -> str | None:
+        """What a linear-type use of `params` could dot its training rows with inside its
+        weight-gradient GEMM (the split route): "dense_v" (the prefetched V), "val" (the
+        validation rows' summed gradient, for a joined train x val dot), or None when this use
+        needs more than one dense dot (Grams, norms, per-validation dots, kept reps, the cross
+        terms of a shared parameter)."""
+        params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
+        if not params or self.keep or self.want_gram or self.want_norms or self.want_per_val:
+            return None
+        if self.dense_v is not None:
+            return "dense_v" if all(id(p) in self.dense_v for p in params) else None
+        if self.want_dot and not any(self.is_shared(p) for p in params):
+            return "val"
+        return None
+
+    def dense_vectors(self, params: tuple) -> list[Tensor]:
+        """The prefetched V of each parameter in `params` (split_source() == "dense_v")."""
+        return [self.dense_v[id(self._canon(p))] for p in params if p is not None and p.requires_grad]
+
+    def add_dots(self, params: tuple, dots: Tensor) -> None:
+        """<g_i, V> of one use, already formed by the layer (the split route): recorded as
+        add() records a use's own train x val dot (or dense-V dot)."""
+        params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
+        if self.dense_v is not None:
+            self._add_total("dot", dots.double())
+            return
+        for p in params:
+            self._seen[id(p)] += 1
+        self._record(params, {"dot": dots.double() * self._dot_scale.get(id(params[0]), 1.0)})
+
     def finish(self) -> None:
         """Flush shared parameters whose remaining uses got no gradient (they contribute 0)."""
         for key in list(self._stash):
@@ -185,6 +215,10 @@ class GhostSession:
                 out["norms_sq"] = torch.diagonal(g).clone()
         elif self.want_norms:
             out["norms_sq"] = products.norms_sq(uses[0][0]).double()
+        self._record(params, out)
+
+    def _record(self, params: tuple, out: dict[str, Tensor]) -> None:
+        """Adds products to the totals (and, with per_param, to the parameter's own)."""
         for kind, val in out.items():
             self._add_total(kind, val)
             if self.per_param:

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import ops
 from .. import session as _session
 from . import compiled as _compiled
 from ..reps import Direct, Outer
@@ -32,21 +33,60 @@ def linear_backward(ctx_session, name: str, x: Tensor, gy: Tensor, weight: nn.Pa
     A, B = rows_tokens(x, batch_dim), rows_tokens(gy, batch_dim)
     sess.check_rows(A.shape[0], name)
     N = sess.n_train
+    fused = sess.can_fuse(weight, bias)
+    owned = (weight, bias) if fused else (weight,)
     gw = gb = None
-    if sess.grad_scale is not None:
-        a_tr, b_tr = A[:N].reshape(-1, A.shape[-1]), B[:N].reshape(-1, B.shape[-1])
-        if need_w:   # the one weight-gradient GEMM of this backward: training rows only
-            # (under autocast the output gradient is bf16/fp16 while the saved input may not be:
-            # the GEMM runs in the gradient's precision, as nn.Linear's would)
-            gw = torch.mm(b_tr.T, a_tr.to(b_tr.dtype)).mul_(sess.grad_scale).to(weight.dtype)
-        if need_b and bias is not None:
-            gb = b_tr.sum(0).mul_(sess.grad_scale).to(bias.dtype)
-    if sess.can_fuse(weight, bias):
+    if sess.grad_scale is not None and need_w and (need_b or not fused):
+        gw, gb = _split_route(sess, owned, A, B, fused)
+    if gw is not None:   # the weight (and fused bias) products are in
+        if bias is not None and not fused:
+            sess.add((bias,), Direct(B[:N].sum(1)), Direct(B[N:].sum(1)))
+    elif fused:
         sess.add((weight, bias), Outer(A[:N], B[:N], bias=True), Outer(A[N:], B[N:], bias=True))
     else:
         sess.add((weight,), Outer(A[:N], B[:N]), Outer(A[N:], B[N:]))
         if bias is not None:
             sess.add((bias,), Direct(B[:N].sum(1)), Direct(B[N:].sum(1)))
+    if sess.grad_scale is not None:
+        b_tr = B[:N].reshape(-1, B.shape[-1])
+        if need_w and gw is None:   # the one weight-gradient GEMM of this backward: training rows only
+            # (under autocast the output gradient is bf16/fp16 while the saved input may not be:
+            # the GEMM runs in the gradient's precision, as nn.Linear's would)
+            a_tr = A[:N].reshape(-1, A.shape[-1])
+            gw = torch.mm(b_tr.T, a_tr.to(b_tr.dtype)).mul_(sess.grad_scale)
+        if need_b and bias is not None and gb is None:
+            gb = b_tr.sum(0).mul_(sess.grad_scale)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(bias.dtype)
+    return gw, gb
+
+
+def _split_route(sess, owned: tuple, A: Tensor, B: Tensor, fused: bool):
+    """The split route (ops/split.py): the training rows' weight gradient and their dots with a
+    dense V in one pass over the GEMM, V the prefetched vector or the validation rows' summed
+    gradient; taken when the cost model says it beats the GEMM plus a separate product.
+    Returns (weight gradient, fused bias gradient or None), or (None, None) when not taken."""
+    source = sess.split_source(owned)
+    if source is None or B.dtype != A.dtype:   # autocast: the GEMM keeps nn.Linear's precision
+        return None, None
+    N = sess.n_train
+    M, S = (0, 0) if source == "dense_v" else (A.shape[0] - N, A.shape[1])
+    if source == "val" and M == 0:
+        return None, None
+    if not ops.prefer_split(A[:N], B[:N], M, S, v_given=source == "dense_v"):
+        return None, None
+    # products accumulate in fp32 (fp64) whatever the caller's autocast (as products.py's do)
+    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        if source == "dense_v":
+            V = sess.dense_vectors(owned)
+        else:
+            G, g_bias = Outer(A[N:], B[N:], bias=fused).summed()
+            V = [G, g_bias] if fused else [G]
+        gw, gb, dots = ops.ghost_split_dot(A[:N], B[:N], V[0].reshape(B.shape[-1], A.shape[-1]),
+                                           V[1] if fused else None, scale=sess.grad_scale, bias=fused)
+    sess.add_dots(owned, dots)
+    if B.dtype in (torch.float16, torch.bfloat16):   # the gradient's precision, as the GEMM's
+        gw, gb = gw.to(B.dtype), None if gb is None else gb.to(B.dtype)
     return gw, gb
 
 

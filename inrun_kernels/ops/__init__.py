@@ -3,7 +3,7 @@ from . import custom  # noqa: F401  torch.library ops "inrun::*" (reference on C
 from . import reference
 from .budget import temp_budget, temp_budget_mb
 from .dispatch import (ghost_dot, ghost_dot_dense, ghost_gram, ghost_norms_sq, ghost_split_dot,
-                       ghost_split_norms, register_backend, requested_backend, resolve_backend)
+                       ghost_split_norms, prefer_split, register_backend, requested_backend, resolve_backend)
 from . import cpp_backend as _cpp
 
 # The C++ CPU backend: registered always, built on its first use (cpp_backend.py); it implements
@@ -16,4 +16,4 @@ except ImportError:
     pass
 
 __all__ = ["reference", "temp_budget", "temp_budget_mb", "ghost_dot", "ghost_dot_dense",
-           "ghost_gram", "ghost_norms_sq", "ghost_split_dot", "ghost_split_norms", "register_backend", "requested_backend", "resolve_backend"]
+           "ghost_gram", "ghost_norms_sq", "ghost_split_dot", "ghost_split_norms", "prefer_split", "register_backend", "requested_backend", "resolve_backend"]

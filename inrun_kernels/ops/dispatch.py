@@ -4,7 +4,8 @@
 INRUN_BACKEND = auto (default) | torch | triton | cpp. `auto` takes the fastest backend that is
 eligible for the tensors at hand and falls back to the exact PyTorch reference; naming a
 backend that cannot run here is an error that says why.
-INRUN_ROUTE = auto (default) | gram | dense forces the route (tests use it).
+INRUN_ROUTE = auto (default) | gram | dense | split forces the route (tests use it; `split`
+applies where a layer's backward can take it, see prefer_split, and is `auto` elsewhere).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from . import split as split_ref
 log = logging.getLogger("inrun_kernels.dispatch")
 
 BACKENDS = ("auto", "torch", "triton", "cpp")
-ROUTES = ("auto", "gram", "dense")
+ROUTES = ("auto", "gram", "dense", "split")
 PRIMITIVES = ("dot_gram", "dot_dense", "gram", "norms_sq", "gram_materialised", "norms_sq_materialised",
               "split_dot", "split_norms")
 
@@ -71,10 +72,6 @@ def _why_not(name: str, tensors: tuple[Tensor, ...], primitive: str | None = Non
         hint = {"triton": "the Triton kernels are not available (triton missing, or not built for this platform)",
                 "cpp": "the C++ CPU extension is not built or failed to load"}.get(name, "it is not registered")
         return hint
-    if name == "cpp" and primitive not in _BACKEND_TABLE[name][1]:
-        # checked before building anything: the extension has the split route only
-        return (f"the C++ CPU extension implements only the split route ({', '.join(SPLIT_PRIMITIVES)}), "
-                f"not {primitive or 'the ghost products'}; use INRUN_BACKEND=torch or auto for those")
     return _BACKEND_TABLE[name][0](tensors)
 
 
@@ -82,18 +79,23 @@ _warned: set[str] = set()
 
 
 def resolve_backend(*tensors: Tensor, primitive: str | None = None) -> str:
-    """The backend that will run a primitive on these tensors. With `primitive`, `auto` only
-    considers backends that implement it (so no C++ build is triggered for a primitive the C++
-    extension does not have); a backend that fails for its own reason (a failed C++ build) is
+    """The backend that will run a primitive on these tensors. `auto` only considers backends
+    that implement it (no primitive named: the ghost products in general), so no C++ build is
+    triggered for a primitive the C++ extension does not have; a backend that fails for its own reason (a failed C++ build) is
     skipped with ONE warning saying why."""
     req = requested_backend()
+    if req == "cpp" and primitive is not None and primitive not in _BACKEND_TABLE.get("cpp", (None, {}))[1]:
+        # the extension has the split route only; the other primitives run the reference (checked
+        # before building anything)
+        return "torch"
     if req != "auto":
         why = _why_not(req, tensors, primitive)
         if why is not None:
             raise RuntimeError(f"INRUN_BACKEND={req} was requested but cannot run here: {why}")
         return req
     for name in ("triton", "cpp"):
-        if primitive is not None and (name not in _BACKEND_TABLE or primitive not in _BACKEND_TABLE[name][1]):
+        # only backends that implement the primitive (none given: the ghost products in general)
+        if name not in _BACKEND_TABLE or (primitive or "dot_gram") not in _BACKEND_TABLE[name][1]:
             continue
         why = _why_not(name, tensors, primitive)
         if why is None:
@@ -154,6 +156,8 @@ def self_route_costs(N: int, T: int, d: int, p: int, pairs: float,
 
 def _pick(costs: dict[str, tuple[float, float]], balance: float, what: str, route: str | None) -> str:
     route = route or requested_route()
+    if route == "split":   # the split route is decided in the layer's backward (prefer_split)
+        route = "auto"
     if route == "auto":
         route = min(costs, key=lambda r: costs[r][0] + balance * costs[r][1])
         log.debug("%s: route %s (costs %s)", what, route, costs)
@@ -228,6 +232,36 @@ def split_cost(N: int, T: int, d: int, p: int, elem_bytes: int = 4) -> tuple[flo
     dense_route product (dot_route_costs' "dense" with M*S = 0, i.e. G_val given)."""
     return (2.0 * N * T * p * d + 2.0 * N * p * d,
             float((N * T * (d + p) + 2 * p * d) * elem_bytes))
+
+
+def prefer_split(A: Tensor, B: Tensor, M: int, S: int, *, v_given: bool) -> bool:
+    """Whether a linear-type layer's backward should take the split route for its training rows
+    A [N, T, d], B [N, T, p]: weight gradient and <g_i, V> in one pass, instead of the weight-
+    gradient GEMM plus the cheaper of the Gram and dense products. V is either given (a dense
+    vector known before the backward: v_given) or the summed gradient of M validation rows of
+    S tokens (computed first: 2 M S p d flops, which the dense route pays too). The torch
+    reference writes and re-reads each chunk's per-sample tiles; cpp/Triton keep them in
+    registers."""
+    forced = requested_route()
+    if forced != "auto":
+        return forced == "split"
+    N, T, d = A.shape
+    p = B.shape[-1]
+    e = A.element_size()
+    gemm = (2.0 * N * T * p * d, float(N * T * (d + p) * e))
+    if v_given:
+        other = dot_route_costs(N, T, 0, 0, d, p, False, e, _fused(A, B))["dense"]
+        val = (0.0, 0.0)
+    else:
+        other = min(dot_route_costs(N, T, M, S, d, p, False, e, _fused(A, B)).values(),
+                    key=lambda c: c[0] + _balance(A) * c[1])
+        val = (2.0 * M * S * p * d, float(M * S * (d + p) * e))
+    flops, byts = split_cost(N, T, d, p, e)
+    if resolve_backend(A, B, primitive="split_dot") == "torch":
+        byts += 3.0 * N * p * d * e   # the reference's [chunk, p, d] tiles: written, read twice
+    bal = _balance(A)
+    split = flops + val[0] + bal * (byts + val[1])
+    return split < gemm[0] + other[0] + bal * (gemm[1] + other[1])
 
 
 def ghost_split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,

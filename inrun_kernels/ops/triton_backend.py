@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..kernels import ghost_dot as _gd
 from ..kernels import ghost_gram as _gg
+from ..kernels import ghost_split as _gs
 from .dispatch import register_backend, requested_backend
 
 
@@ -52,5 +53,14 @@ def _norms_sq(A, B, *, bias, lengths=None):
     return _gg.norms_sq(A, B, bias=bias, lengths=lengths)
 
 
+def _split_dot(A, B, V, v_bias=None, lengths=None, scale=1.0, *, bias=None):
+    return _gs.split_dot(A, B, V, v_bias, lengths, scale, bias=bias)
+
+
+def _split_norms(A, B, lengths=None, scale=1.0, *, bias=False):
+    return _gs.split_norms(A, B, lengths, scale, bias=bias)
+
+
 register_backend("triton", eligible, {"dot_gram": _dot_gram, "dot_dense": _dot_dense,
-                                      "gram": _gram, "norms_sq": _norms_sq})
+                                      "gram": _gram, "norms_sq": _norms_sq,
+                                      "split_dot": _split_dot, "split_norms": _split_norms})
