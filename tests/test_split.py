@@ -42,21 +42,22 @@ def make(N, T, d, p, dtype=torch.float64, seed=0, lengths=False):
 
 
 def oracle(A, B, V=None, vb=None, L=None, scale=1.0, bias=False):
-    """Explicit float64 per-sample gradients g_i = B_i^T A_i."""
+    """Explicit float64 per-sample gradients g_i = B_i^T A_i: (W, bias grad or None, dots or
+    norms). Padded tokens are dropped with where (NaN-poisoned padding stays out)."""
     A, B = A.double(), B.double()
     if A.dim() == 2:
         A, B = A[:, None], B[:, None]
     if L is not None:
-        keep = torch.arange(A.shape[1])[None, :] < L[:, None]
-        B = B * keep[..., None]
-    g = torch.einsum("ntp,ntd->npd", B, A)
+        keep = (torch.arange(A.shape[1], device=A.device)[None, :] < L[:, None])[..., None]
+        A, B = torch.where(keep, A, 0.0), torch.where(keep, B, 0.0)
+    g = torch.einsum("ntp,ntd->npd", B, A)            # every g_i, explicitly
     bs = B.sum(1)
     W = g.sum(0) * scale
     gb = bs.sum(0) * scale if bias else None
     if V is None:
         out = g.square().sum((1, 2)) + (bs.square().sum(1) if bias else 0)
     else:
-        out = (g * V.double()).sum((1, 2)) + (bs @ vb.double() if vb is not None else 0)
+        out = (g * V.double()).sum((1, 2)) + (bs @ vb.double() if (bias and vb is not None) else 0)
     return W, gb, out
 
 

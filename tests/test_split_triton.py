@@ -21,6 +21,7 @@ from inrun_kernels.ops import split as sp
 triton = pytest.importorskip("triton")
 from inrun_kernels.kernels import configs as C  # noqa: E402
 from inrun_kernels.kernels import ghost_split as gs  # noqa: E402
+from tests.test_split import oracle  # noqa: E402  (explicit float64 per-sample gradients)
 
 INTERPRET = C.interpreting()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
@@ -87,25 +88,6 @@ def _inputs(shape, dtype=torch.float32, padded=False, seed=0):
     vb = torch.randn(p, generator=g, dtype=torch.float64, device=DEVICE).float()
     L = _lengths(N, 1 if T is None else T) if padded else None
     return A, B, V, vb, L
-
-
-def oracle(A, B, V=None, vb=None, L=None, scale=1.0, bias=False):
-    """Explicit float64 per-sample gradients: (W, bias grad or None, dots or norms)."""
-    A, B = A.double(), B.double()
-    if A.dim() == 2:
-        A, B = A[:, None], B[:, None]
-    if L is not None:
-        keep = torch.arange(A.shape[1], device=A.device)[None, :] < L[:, None]
-        A, B = A * keep[..., None], B * keep[..., None]
-    g = torch.einsum("ntp,ntd->npd", B, A)            # every g_i, explicitly
-    bs = B.sum(1)
-    W = g.sum(0) * scale
-    gb = bs.sum(0) * scale if bias else None
-    if V is None:
-        out = g.square().sum((1, 2)) + (bs.square().sum(1) if bias else 0)
-    else:
-        out = (g * V.double()).sum((1, 2)) + (bs @ vb.double() if (bias and vb is not None) else 0)
-    return W, gb, out
 
 
 def _abs(*ts):
