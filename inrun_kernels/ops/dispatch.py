@@ -245,6 +245,20 @@ def prefer_split(A: Tensor, B: Tensor, M: int, S: int, *, v_given: bool) -> bool
     forced = requested_route()
     if forced != "auto":
         return forced == "split"
+    # one decision per layer shape and setting: this runs in every linear backward of every step
+    key = (tuple(A.shape), B.shape[-1], M, S, v_given, A.dtype, A.device.type, requested_backend())
+    hit = _split_choices.get(key)
+    if hit is None:
+        if len(_split_choices) > 4096:
+            _split_choices.clear()
+        hit = _split_choices[key] = _split_pays(A, B, M, S, v_given)
+    return hit
+
+
+_split_choices: dict[tuple, bool] = {}
+
+
+def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool) -> bool:
     N, T, d = A.shape
     p = B.shape[-1]
     e = A.element_size()
