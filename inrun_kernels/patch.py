@@ -15,6 +15,7 @@ from torch import nn
 
 from . import layers  # noqa: F401  (registers the built-in rules)
 from .layers.fallback import GhostFallback, fallback_rule, has_own_trainable, needs_fallback_for_children
+from .layers.rawparam import GhostRawParams, eligible as raw_params_eligible, raw_param_rule
 from .layers.registry import GhostModule, lookup, rule_for
 
 
@@ -96,7 +97,10 @@ def _walk(model: nn.Module, fallback: bool = False):
         rule = None if isinstance(mod, GhostModule) else lookup(mod)
         if (fallback and not isinstance(mod, GhostModule) and (rule is None or not rule.owns_children)
                 and (needs_fallback_for_children(mod, lookup) or (rule is None and has_own_trainable(mod)))):
-            rule = fallback_rule(mod)
+            # own parameters all broadcast-shaped (cls token, layer scale): native, checked per
+            # call signature, the fallback where the check fails (layers/rawparam.py)
+            rule = (raw_param_rule(mod) if rule is None and raw_params_eligible(mod)
+                    and not needs_fallback_for_children(mod, lookup) else fallback_rule(mod))
         yield name, mod, rule
         if not _owns_children(mod, rule):
             kids = [(f"{name}.{k}" if name else k, m) for k, m in mod.named_children()]
@@ -114,7 +118,8 @@ def _plan(model: nn.Module, fallback: bool = False):
     modules: dict[str, str] = {}
     fb: dict[str, tuple[str, int]] = {}
     for name, mod, rule in _walk(model, fallback):
-        if isinstance(mod, GhostFallback) or (rule is not None and rule.to_ghost.__module__ == GhostFallback.__module__):
+        if ((isinstance(mod, GhostFallback) and not isinstance(mod, GhostRawParams))
+                or (rule is not None and rule.to_ghost.__module__ == GhostFallback.__module__)):
             cls = mod.__dict__.get("_inrun_orig_class", type(mod))
             fb[name or "<root>"] = (cls.__name__, sum(p.numel() for p in mod.parameters() if p.requires_grad))
         ghost = rule is not None or isinstance(mod, GhostModule)
@@ -152,7 +157,9 @@ def patch(model: nn.Module, *, strict: bool = True, fallback: bool | None = None
     fallback (default: = strict): a module with trainable parameters of its own that no native
     rule covers is covered by the exact per-sample fallback (layers/fallback.py: the module run
     once per sample; slower; a module that couples samples is refused at forward);
-    `coverage(model).fallback` lists them with their sizes.
+    `coverage(model).fallback` lists them with their sizes. A module whose own parameters are
+    all broadcast-shaped (cls token, layer scale) is native instead where its uses check out at
+    its first call with each input signature, the fallback where not (layers/rawparam.py).
     strict=True: a module with trainable parameters that nothing covers is an error naming it.
     strict=False: it is left as is with a warning; `coverage(model)` lists what is not covered."""
     fallback = strict if fallback is None else fallback
@@ -193,7 +200,8 @@ def unpatch(model: nn.Module) -> nn.Module:
     for _, mod in model.named_modules():
         orig = mod.__dict__.get("_inrun_orig_class")
         if orig is not None:
-            (fallback_rule(mod) if isinstance(mod, GhostFallback) else rule_for(orig)).from_ghost(mod)
+            (raw_param_rule(mod) if isinstance(mod, GhostRawParams) else fallback_rule(mod)
+             if isinstance(mod, GhostFallback) else rule_for(orig)).from_ghost(mod)
         mod.__dict__.pop("_inrun_name", None)
     model.__dict__.pop("_inrun_coverage", None)
     return wrapper
@@ -208,6 +216,10 @@ def coverage(model: nn.Module) -> Coverage:
     `model` (a torch.compile wrapper's start with "_orig_mod.")."""
     model, prefix = compiled_inner(model)
     cov = model.__dict__.get("_inrun_coverage") or _plan(model)[1]
+    for name, mod in model.named_modules():   # broadcast-parameter modules that fell back at a call
+        if isinstance(mod, GhostRawParams) and "_inrun_raw_fallback" in mod.__dict__:
+            cov.fallback.setdefault(name or "<root>", (mod._inrun_orig_class.__name__,
+                                                       sum(p.numel() for p in mod.parameters() if p.requires_grad)))
     if cov.fallback:
         mods = dict(model.named_modules())
         cov.fallback_seconds = {m: float(getattr(mods.get("" if m == "<root>" else m), "_inrun_fb_seconds", 0.0))

@@ -204,6 +204,9 @@ def dense_dot(rep, V: Tensor, v_bias: Tensor | None = None) -> Tensor:
     Never forms a per-sample gradient."""
     if isinstance(rep, Outer):
         rep._full("a dense dot")
+        p, d = rep.B.shape[-1], rep.A.shape[-1]
+        if V.dim() > 2 and V.numel() == p * d:   # a conv weight [C_out, C_in/g, *k]: rows flattened
+            V = V.reshape(p, d)
         return ops.ghost_dot_dense(rep.A, rep.B, V.to(ref.acc_dtype(rep.A, rep.B)),
                                    None if v_bias is None else v_bias.to(ref.acc_dtype(rep.A, rep.B)),
                                    lengths=rep.lengths)

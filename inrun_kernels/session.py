@@ -248,9 +248,7 @@ def _detached(rep):
 
 
 @contextmanager
-def ghost_session(*args, **kwargs):
-    """Open a GhostSession for the forward+backward inside the block."""
-    sess = GhostSession(*args, **kwargs)
+def _current_is(sess: "GhostSession | None"):
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
@@ -259,3 +257,14 @@ def ghost_session(*args, **kwargs):
         yield sess
     finally:
         stack.pop()
+
+
+def ghost_session(*args, **kwargs):
+    """Open a GhostSession for the forward+backward inside the block (a context manager)."""
+    return _current_is(GhostSession(*args, **kwargs))
+
+
+def suspended():
+    """No ghost session inside the block: ghost layers run as their original classes (the
+    per-sample fallback's own runs of a module whose children are patched natively)."""
+    return _current_is(None)

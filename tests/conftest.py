@@ -106,6 +106,21 @@ def _seed():
 
 
 @pytest.fixture
+def primitives_run(monkeypatch):
+    """{reference primitive: calls} through the dispatcher's torch table (which route ran)."""
+    from inrun_kernels.ops import dispatch
+
+    calls: dict[str, int] = {}
+    table = dispatch._BACKEND_TABLE["torch"][1]
+    for name, fn in list(table.items()):
+        def counting(*a, _fn=fn, _name=name, **k):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*a, **k)
+        monkeypatch.setitem(table, name, counting)
+    return calls
+
+
+@pytest.fixture
 def triton_launches(monkeypatch):
     """{kernel function name: launches} of the Triton kernels while the test runs (every launch
     goes through inrun_kernels.kernels.configs.launch)."""

@@ -13,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import inrun_kernels as ik
 from inrun_kernels import ops
-from inrun_kernels.ops import budget, dispatch
+from inrun_kernels.ops import budget
 from tests.models import TokenMixer, ce_loss, make_data
 from tests.oracle import Oracle, rel_err
 
@@ -88,19 +88,6 @@ def test_inrun_temp_mb_end_to_end_and_bad_values(monkeypatch):
             ik.grad_dot(model, ce_loss, train, val)
         with pytest.raises(ValueError, match=match):
             budget.temp_budget_mb()
-
-
-@pytest.fixture
-def primitives_run(monkeypatch):
-    """{reference primitive: calls} through the dispatcher's torch table."""
-    calls: dict[str, int] = {}
-    table = dispatch._BACKEND_TABLE["torch"][1]
-    for name, fn in list(table.items()):
-        def counting(*a, _fn=fn, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*a, **k)
-        monkeypatch.setitem(table, name, counting)
-    return calls
 
 
 def test_inrun_route_forces_the_route(monkeypatch, primitives_run):

@@ -9,7 +9,8 @@ layers call these torch.library custom ops instead:
     torch.ops.inrun.ghost_linear_bw(x, gy, weight, bias, name, batch_dim, transposed,
                                     need_w, need_b) -> (gw, gb)
     torch.ops.inrun.ghost_embedding / ghost_embedding_bw, ghost_affine / ghost_affine_bw,
-    ghost_in_proj / ghost_in_proj_bw (MultiheadAttention), ghost_token / ghost_token_bw
+    ghost_in_proj / ghost_in_proj_bw (MultiheadAttention), ghost_token / ghost_token_bw,
+    ghost_conv / ghost_conv_bw (nn.Conv1d / nn.Conv2d: defined in conv.py, with the same helpers)
 
 Each forward op has an autograd formula (register_autograd) that Dynamo/AOTAutograd trace: the
 input gradient is ordinary traced code (it fuses), and the parameter gradients come from the
@@ -489,7 +490,8 @@ ghost_token.register_autograd(_token_backward, setup_context=_token_setup)
 def _bw_ops() -> set:
     ops = torch.ops.inrun
     return {ops.ghost_linear_bw.default, ops.ghost_embedding_bw.default, ops.ghost_affine_bw.default,
-            ops.ghost_in_proj_bw.default, ops.ghost_token_bw.default}
+            ops.ghost_in_proj_bw.default, ops.ghost_token_bw.default,
+            ops.ghost_conv_bw.default}   # (defined in conv.py)
 
 
 # ops that pass one gradient through unchanged in value, or add gradients: a parameter gradient

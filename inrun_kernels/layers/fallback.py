@@ -94,6 +94,8 @@ class _FallbackFn(torch.autograd.Function):
         names = mod._inrun_fb_names
         sess.note_forward(*params)
         mod._inrun_fb_inner = True
+        susp = _session.suspended()   # children patched natively (layers/rawparam.py) run as their originals
+        susp.__enter__()
         try:
             args, kwargs = pytree.tree_unflatten(flat_in, spec)
             batched = mod(*args, **kwargs)                     # 1. the module as it is
@@ -119,6 +121,7 @@ class _FallbackFn(torch.autograd.Function):
                 outs_i.append(pytree.tree_flatten(out_i)[0])
                 ins_i.append(in_leaves)
         finally:
+            susp.__exit__(None, None, None)
             mod._inrun_fb_inner = False
         flat_b, out_spec = pytree.tree_flatten(batched)
         result = []
