@@ -4,6 +4,7 @@ the union of every rank's rows, each row weighted as the data-parallel mean weig
 from __future__ import annotations
 
 import copy
+import gc
 
 import torch
 import torch.distributed as dist
@@ -243,5 +244,9 @@ def run(rank: int, world: int, rendezvous: str, case: str, kwargs_list: list[dic
     try:
         for kw in kwargs_list:
             {"ddp": ddp_case, "fsdp2": fsdp2_case, "refusals": refusals_case}[case](rank, world, **kw)
+        # DDP reducers / FSDP states of the cases go before the group, and both ranks reach the
+        # end before it is destroyed (a rank tearing gloo down under the other aborted, once)
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
