@@ -258,24 +258,35 @@ def prefer_split(A: Tensor, B: Tensor, M: int, S: int, *, v_given: bool) -> bool
 _split_choices: dict[tuple, bool] = {}
 
 
+# What one launched op costs beyond its arithmetic, in flops: on CPU the references' Python and
+# dispatch overhead, ~20 us per op at ~40 GFLOP/s (measured here on 2-D layers of small models,
+# where it decides); not measured on a GPU (0: arithmetic and bytes only).
+_OP_FLOPS = {"cpu": 8e5}
+# ops per call, torch reference: the GEMM (mm, scale); the Gram route; the dense route (given V /
+# with its validation gradient); the split route (reference chunk / C++ call) and its V
+_OPS = {"gemm": 2, "gram": 8, "dense": 6, "dense_val": 9, "split_torch": 7, "split_cpp": 2, "val": 3}
+
+
 def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool) -> bool:
     N, T, d = A.shape
     p = B.shape[-1]
     e = A.element_size()
-    gemm = (2.0 * N * T * p * d, float(N * T * (d + p) * e))
-    if v_given:
-        other = dot_route_costs(N, T, 0, 0, d, p, False, e, _fused(A, B))["dense"]
-        val = (0.0, 0.0)
+    bal, op = _balance(A), _OP_FLOPS.get(A.device.type, 0.0)
+    gemm = 2.0 * N * T * p * d + bal * N * T * (d + p) * e + _OPS["gemm"] * op
+    routes = dot_route_costs(N, T, 0 if v_given else M, 0 if v_given else S, d, p, False, e, _fused(A, B))
+    if v_given:   # the GEMM plus the dense product with the given V
+        other = routes["dense"][0] + bal * routes["dense"][1] + _OPS["dense"] * op
+        val = 0.0
     else:
-        other = min(dot_route_costs(N, T, M, S, d, p, False, e, _fused(A, B)).values(),
-                    key=lambda c: c[0] + _balance(A) * c[1])
-        val = (2.0 * M * S * p * d, float(M * S * (d + p) * e))
+        other = min(routes["gram"][0] + bal * routes["gram"][1] + _OPS["gram"] * op,
+                    routes["dense"][0] + bal * routes["dense"][1] + _OPS["dense_val"] * op)
+        val = 2.0 * M * S * p * d + bal * M * S * (d + p) * e + _OPS["val"] * op
     flops, byts = split_cost(N, T, d, p, e)
-    if resolve_backend(A, B, primitive="split_dot") == "torch":
+    backend = resolve_backend(A, B, primitive="split_dot")
+    if backend == "torch":
         byts += 3.0 * N * p * d * e   # the reference's [chunk, p, d] tiles: written, read twice
-    bal = _balance(A)
-    split = flops + val[0] + bal * (byts + val[1])
-    return split < gemm[0] + other[0] + bal * (gemm[1] + other[1])
+    split = flops + bal * byts + val + _OPS["split_cpp" if backend == "cpp" else "split_torch"] * op
+    return split < gemm + other
 
 
 def ghost_split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
