@@ -37,7 +37,9 @@ def _oracle_first_sgd(model, train, val, lr, seed):
     return torch.stack(g) @ gv * lr / (N * M)
 
 
-def test_training_with_dropout_is_bitwise_plain_training_and_values_use_eval_validation():
+def test_training_with_dropout_is_plain_training_and_values_use_eval_validation():
+    """The same dropout masks as plain training: parameters equal to rounding (the split route
+    sums the weight gradient in another order than one GEMM; a different mask is ~1e-2 off)."""
     torch.manual_seed(0)
     model = DropMLP().double()
     plain = copy.deepcopy(model)
@@ -57,7 +59,7 @@ def test_training_with_dropout_is_bitwise_plain_training_and_values_use_eval_val
         opt_p.step()
         assert rel_err(eng.last_values, want) < 1e-10
     for p, q in zip(model.parameters(), plain.parameters()):
-        assert torch.equal(p, q)
+        assert rel_err(p, q) <= 1e-14
 
 
 @pytest.mark.parametrize("estimator", ["first", "midpoint"])
