@@ -13,6 +13,7 @@ PyTorch reference with one warning saying why.
 """
 import hashlib
 import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -22,11 +23,13 @@ if os.environ.get("INRUN_BUILD_EXT", "0") not in ("", "0"):
 
     src = "inrun_kernels/csrc/split.cpp"
     # the same flags and source hash as the JIT build (inrun_kernels/ops/cpp_backend.py)
-    cflags = ["-O3", "-march=native", "-ffp-contract=fast"]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []   # (at::parallel_for)
+    cflags = ["-O3", "-march=native", "-ffp-contract=fast"] + openmp
     h = hashlib.sha256(open(src, "rb").read())
     h.update(" ".join(cflags).encode())
     ext_modules = [CppExtension("inrun_kernels._split_ext", [src],
-                                extra_compile_args=cflags + [f"-DINRUN_SRC_HASH={h.hexdigest()[:16]}"])]
+                                extra_compile_args=cflags + [f"-DINRUN_SRC_HASH={h.hexdigest()[:16]}"],
+                                extra_link_args=openmp)]
     cmdclass = {"build_ext": BuildExtension}
 
 setup(

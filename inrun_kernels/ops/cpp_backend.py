@@ -28,7 +28,13 @@ import torch
 SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "split.cpp"
 # -march=native: the JIT build runs on the machine that uses it (the cache key includes the
 # CPU's flags); -ffp-contract=fast lets the compiler fuse multiply-adds under -std=c++17.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"]
+# -fopenmp (Linux, where torch is built with OpenMP and ships libgomp.so.1, which the extension
+# then shares): at::parallel_for is a header template that parallelises with `#pragma omp
+# parallel`; compiled without it the pragma is dropped and the kernel ran on one thread whatever
+# torch.get_num_threads() said. Elsewhere (macOS clang has no -fopenmp) it runs on one thread.
+OPENMP = ["-fopenmp"] if sys.platform.startswith("linux") else []
+CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast"] + OPENMP
+LDFLAGS = OPENMP
 
 _lock = threading.Lock()
 _state: dict = {}          # "module" or "error", once tried
@@ -88,6 +94,7 @@ def _jit():
         built = any(d.glob(f"{name}*.so"))
         mod = cpp_extension.load(name=name, sources=[str(SOURCE)], build_directory=str(d),
                                  extra_cflags=CFLAGS + [f"-DINRUN_SRC_HASH={source_hash()}"],
+                                 extra_ldflags=LDFLAGS,
                                  verbose=False)
     if not built:
         build_seconds = time.perf_counter() - t0
