@@ -55,17 +55,22 @@ QUANT = [0.2, 0.5, 0.8]
 BIG_BUDGET_MB = 96 * 1024      # one chunk for every shape here (H200: ~139 GiB)
 
 
-def bench(fn, warmup=25, rep=100):
-    """(p20, p50, p80) ms, peak bytes allocated during one call above what was live before."""
+def peak_bytes(fn) -> int:
+    """Peak bytes allocated during one call of fn above what was live before (after a warm call)."""
     fn()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    return int(torch.cuda.max_memory_allocated() - base)
+
+
+def bench(fn, warmup=25, rep=100):
+    """(p20, p50, p80) ms, peak bytes allocated during one call above what was live before."""
+    peak = peak_bytes(fn)
     q = do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANT)
-    return tuple(float(x) for x in q), int(peak)
+    return tuple(float(x) for x in q), peak
 
 
 def matmul_tflops():
@@ -168,13 +173,7 @@ def split_case(N, T, dp):
     config = _split_config(T, d, p)
     res = {}
     for name, fn in (("gemm", gemm), ("split", split)):
-        fn()
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        res[name] = {"peak_mb": (torch.cuda.max_memory_allocated() - base) / 2**20, "p50": []}
+        res[name] = {"peak_mb": peak_bytes(fn) / 2**20, "p50": []}
     for _ in range(SPLIT_ROUNDS):             # interleaved: GEMM, split, GEMM, split, ...
         for name, fn in (("gemm", gemm), ("split", split)):
             q = do_bench(fn, warmup=10, rep=40, quantiles=QUANT)

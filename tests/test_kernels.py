@@ -19,17 +19,10 @@ import torch
 import inrun_kernels.ops as ops
 from inrun_kernels.ops import reference as ref
 
-triton = pytest.importorskip("triton")
-from inrun_kernels.kernels import configs as C  # noqa: E402
+from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu  # noqa: E402,F401  (skips without triton)
 from inrun_kernels.kernels import ghost_dot, ghost_gram  # noqa: E402
 from inrun_kernels.ops import custom  # noqa: E402,F401
 
-INTERPRET = C.interpreting()
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
-if not INTERPRET and DEVICE.type != "cuda":
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU with compiled Triton kernels")
 pytestmark = pytest.mark.triton
 
 # Relative tolerance per input dtype, applied to the sum of |terms| (the reference run on |inputs|),

@@ -18,17 +18,10 @@ import torch
 import inrun_kernels.ops as ops
 from inrun_kernels.ops import split as sp
 
-triton = pytest.importorskip("triton")
-from inrun_kernels.kernels import configs as C  # noqa: E402
+from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu  # noqa: E402,F401  (skips without triton)
 from inrun_kernels.kernels import ghost_split as gs  # noqa: E402
 from tests.test_split import oracle  # noqa: E402  (explicit float64 per-sample gradients)
 
-INTERPRET = C.interpreting()
-DEVICE = torch.device("cuda" if torch.cuda.is_available() and not INTERPRET else "cpu")
-if not INTERPRET and DEVICE.type != "cuda":
-    pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
-
-needs_gpu = pytest.mark.skipif(DEVICE.type != "cuda", reason="needs a CUDA GPU with compiled Triton kernels")
 pytestmark = pytest.mark.triton
 
 KERNEL = "_ghost_split_kernel"
