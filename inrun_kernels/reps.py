@@ -61,9 +61,10 @@ class Outer:
         if self.cols is not None:
             raise RuntimeError(f"internal: {what} of a column-restricted Outer rep")
 
-    def summed(self):
-        """Dense sum over rows: (G [p, d], bias part [p] or None) — the rows' total gradient."""
-        return ref.val_grad(self.A, ref._mask_lengths(self.B, self.lengths), bias=self.bias)
+    def summed(self, per_row: bool = False):
+        """Dense sum over rows: (G [p, d], bias part [p] or None) — the rows' total gradient;
+        per_row: each row's own gradient (G [n, p, d], bias part [n, p] or None)."""
+        return ref.val_grad(self.A, ref._mask_lengths(self.B, self.lengths), bias=self.bias, per_val=per_row)
 
 
 @dataclass

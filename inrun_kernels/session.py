@@ -133,12 +133,16 @@ class GhostSession:
     def split_source(self, params: tuple) -> str | None:
         """What a linear-type use of `params` could dot its training rows with inside its
         weight-gradient GEMM (the split route): "dense_v" (the prefetched V), "val" (the
-        validation rows' summed gradient, for a joined train x val dot), or None when this use
-        needs more than one dense dot (Grams, norms, per-validation dots, kept reps, the cross
+        validation rows' summed gradient, for a joined train x val dot; with `want_per_val`
+        each validation row's own gradient, one dot each), "norms" (squared norms only), or
+        None when this use needs more (Grams, dots and norms together, kept reps, the cross
         terms of a shared parameter)."""
         params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
-        if not params or self.keep or self.want_gram or self.want_norms or self.want_per_val:
+        if not params or self.keep or self.want_gram:
             return None
+        if self.want_norms:
+            alone = not self.want_dot and self.dense_v is None
+            return "norms" if alone and not any(self.is_shared(p) for p in params) else None
         if self.dense_v is not None:
             return "dense_v" if all(id(p) in self.dense_v for p in params) else None
         if self.want_dot and not any(self.is_shared(p) for p in params):
@@ -151,14 +155,22 @@ class GhostSession:
 
     def add_dots(self, params: tuple, dots: Tensor) -> None:
         """<g_i, V> of one use, already formed by the layer (the split route): recorded as
-        add() records a use's own train x val dot (or dense-V dot)."""
+        add() records a use's own train x val dot (or dense-V dot); [N, M] with want_per_val."""
         params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
         if self.dense_v is not None:
             self._add_total("dot", dots.double())
             return
         for p in params:
             self._seen[id(p)] += 1
-        self._record(params, {"dot": dots.double() * self._dot_scale.get(id(params[0]), 1.0)})
+        dots = dots.double() * self._dot_scale.get(id(params[0]), 1.0)
+        self._record(params, {"per_val": dots, "dot": dots.sum(1)} if self.want_per_val else {"dot": dots})
+
+    def add_norms(self, params: tuple, norms_sq: Tensor) -> None:
+        """||g_i||^2 of one use, formed by the layer (the split route, split_source() == "norms")."""
+        params = tuple(self._canon(p) for p in params if p is not None and p.requires_grad)
+        for p in params:
+            self._seen[id(p)] += 1
+        self._record(params, {"norms_sq": norms_sq.double()})   # (norms are not update-scaled, as in _accumulate)
 
     def finish(self) -> None:
         """Flush shared parameters whose remaining uses got no gradient (they contribute 0)."""

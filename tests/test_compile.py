@@ -63,8 +63,9 @@ def test_mlp_fullgraph_inductor_products_match_eager_and_oracle(monkeypatch):
     cm = torch.compile(ik.patch(model), fullgraph=True, dynamic=False)
     assert ik.patch(cm) is cm and is_patched(cm)
     seen = []   # what the compiled ops hand the session: the Parameter objects themselves
-    add = GhostSession.add
+    add, add_dots = GhostSession.add, GhostSession.add_dots   # (add_dots: the split route)
     monkeypatch.setattr(GhostSession, "add", lambda self, ps, *a: (seen.extend(ps), add(self, ps, *a))[1])
+    monkeypatch.setattr(GhostSession, "add_dots", lambda self, ps, *a: (seen.extend(ps), add_dots(self, ps, *a))[1])
     got, share = ik.grad_dot(cm, ce_loss, train, val, per_val=True, per_param=True)
     assert {id(p) for p in seen if p is not None} == {id(p) for p in model.parameters()}
     want, want_share = ik.grad_dot(eager, ce_loss, train, val, per_val=True, per_param=True)

@@ -56,6 +56,8 @@ def oracle(A, B, V=None, vb=None, L=None, scale=1.0, bias=False):
     gb = bs.sum(0) * scale if bias else None
     if V is None:
         out = g.square().sum((1, 2)) + (bs.square().sum(1) if bias else 0)
+    elif V.dim() == 3:   # K vectors: [N, K]
+        out = torch.einsum("npd,kpd->nk", g, V.double()) + (bs @ vb.double().T if (bias and vb is not None) else 0)
     else:
         out = (g * V.double()).sum((1, 2)) + (bs @ vb.double() if (bias and vb is not None) else 0)
     return W, gb, out
@@ -87,6 +89,31 @@ def test_reference_matches_oracle(shape, with_bias, with_len):
         check(sp.split_norms(A, B, L, bias=with_bias), oracle(A, B, None, None, L, bias=with_bias), 1e-10)
 
 
+def make_k(shape, K, dtype=torch.float64, lengths=False, seed=0):
+    """make() with K vectors: V [K, p, d], v_bias [K, p]."""
+    A, B, _, _, L = make(*shape, dtype=dtype, lengths=lengths, seed=seed)
+    g = torch.Generator().manual_seed(seed + 7)
+    V = torch.randn(K, shape[3], shape[2], generator=g, dtype=torch.float64)
+    vb = torch.randn(K, shape[3], generator=g, dtype=torch.float64)
+    return A, B, V, vb, L
+
+
+@pytest.mark.parametrize("shape", SHAPES[::2] + [SHAPES[3]])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_reference_k_vectors_match_oracle(shape, K, with_bias):
+    """V [K, p, d] (per-validation-sample dots): [N, K], column k = the dot with V[k] alone."""
+    A, B, V, vb, L = make_k(shape, K, lengths=True)
+    vb = vb if with_bias else None
+    got = sp.split_dot(A, B, V, vb, L, scale=0.5)
+    assert got[2].shape == (A.shape[0], K)
+    check(got, oracle(A, B, V, vb, L, 0.5, bias=with_bias), 1e-10)
+    with temp_budget(1e-4):
+        check(sp.split_dot(A, B, V, vb, L, scale=0.5), oracle(A, B, V, vb, L, 0.5, bias=with_bias), 1e-10)
+    one = sp.split_dot(A, B, V[K - 1], None if vb is None else vb[K - 1], L)[2]
+    assert rel(got[2][:, K - 1], one) <= 1e-12
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_reference_low_precision_accumulates_in_fp32(dtype):
     A, B, V, vb, L = make(4, 7, 13, 11, dtype=dtype, lengths=True)
@@ -110,6 +137,15 @@ def test_bias_flag_and_shape_errors():
         sp.split_dot(A, B, V, lengths=torch.tensor([1]))
     with pytest.raises(ValueError, match="same rank"):
         sp.split_dot(A[:, 0], B, V)
+    V3 = torch.stack([V, V])
+    with pytest.raises(ValueError, match="v_bias"):    # [p] with V [K, p, d]
+        sp.split_dot(A, B, V3, vb)
+    with pytest.raises(ValueError, match="v_bias"):    # [K, p] with V [p, d]
+        sp.split_dot(A, B, V, torch.stack([vb, vb]))
+    with pytest.raises(ValueError, match="K = 0"):
+        sp.split_dot(A, B, V3[:0])
+    with pytest.raises(ValueError, match="V"):
+        sp.split_dot(A, B, V3[None])
 
 
 # ---- the C++ kernel -----------------------------------------------------------------------
@@ -129,6 +165,18 @@ def test_cpp_matches_oracle_fp64(ext, shape, with_bias, with_len):
     check(cpp_backend.split_dot(A, B, V, vb, L, scale=0.25), oracle(A, B, V, vb, L, 0.25, bias=with_bias), 1e-10)
     check(cpp_backend.split_norms(A, B, L, scale=3.0, bias=with_bias),
           oracle(A, B, None, None, L, 3.0, bias=with_bias), 1e-10)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("K", [1, 2, 5])
+def test_cpp_k_vectors_match_oracle(ext, shape, K):
+    A, B, V, vb, L = make_k(shape, K, lengths=True)
+    check(cpp_backend.split_dot(A, B, V, vb, L, scale=0.25), oracle(A, B, V, vb, L, 0.25, bias=True), 1e-10)
+    check(cpp_backend.split_dot(A, B, V, None, None), oracle(A, B, V), 1e-10)
+    A32, B32 = A.float(), B.to(torch.bfloat16)      # mixed inputs: fp32 accumulation
+    got, want = cpp_backend.split_dot(A32, B32, V.float(), vb.float(), L), sp.split_dot(A32, B32, V.float(), vb.float(), L)
+    assert got[2].dtype == torch.float32 and got[2].shape == (A.shape[0], K)
+    check(got, want, 1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -151,7 +199,8 @@ def test_cpp_bitwise_across_thread_counts(ext, dtype):
         res = {}
         for n in (1, 2):
             torch.set_num_threads(n)
-            res[n] = cpp_backend.split_dot(A, B, V, vb, L) + cpp_backend.split_norms(A, B, L, bias=True)
+            res[n] = (cpp_backend.split_dot(A, B, V, vb, L) + cpp_backend.split_norms(A, B, L, bias=True)
+                      + cpp_backend.split_dot(A, B, torch.stack([V, -V, 2 * V]), torch.stack([vb, vb, vb]), L))
     finally:
         torch.set_num_threads(before)
     for x, y in zip(res[1], res[2]):
@@ -237,3 +286,7 @@ def test_custom_ops_opcheck(backend, monkeypatch):
     torch.library.opcheck(torch.ops.inrun.split_dot.default, (A, B, V, vb, L, 0.5, True))
     torch.library.opcheck(torch.ops.inrun.split_dot.default, (A, B, V), {"bias": False})
     torch.library.opcheck(torch.ops.inrun.split_norms.default, (A, B, L, 1.0, True))
+    V3, vb3 = torch.stack([V, 2 * V]), torch.stack([vb, -vb])   # K vectors: dots [N, K]
+    W, gb, out = torch.ops.inrun.split_dot(A, B, V3, vb3, L, 0.5, True)
+    check((W, gb, out), oracle(A, B, V3, vb3, L, 0.5, bias=True), 1e-5)
+    torch.library.opcheck(torch.ops.inrun.split_dot.default, (A, B, V3, vb3, L, 0.5, True))

@@ -184,3 +184,98 @@ def test_the_weight_gradient_gemm_is_replaced_not_repeated(route, k, mms, monkey
     with _WeightShapedMMs((13, 11)) as counter:
         eng.step(make_data(4, (11,), 3, seed=3), torch.arange(4, 8))
     assert counter.count == mms, counter.count
+
+
+# ---- per-validation dots and the functional API (.grad left alone) -------------------------
+def _loop_per_val(model, train, val):
+    """[N, M] <g_i, g_v> from batch-size-1 loops over the unpatched model, in float64."""
+    from tests.oracle import loop_grads
+    m = copy.deepcopy(model)
+    ik.unpatch(m)
+    gt, gv = loop_grads(m, ce_loss, train), loop_grads(m, ce_loss, val)
+    return sum(gt[n].flatten(1) @ gv[n].flatten(1).T for n in gt)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_per_val_dots_by_the_split_route(backend, kind, monkeypatch, split_calls):
+    """ik.grad_dot(per_val=True): each layer's training rows dotted with each validation row's
+    gradient inside one split pass (V [M, p, d]); [N, M] and its row sums vs the loop oracle,
+    and .grad untouched (the functional API drops the weight gradient the route forms)."""
+    monkeypatch.setenv("INRUN_BACKEND", backend)
+    monkeypatch.setenv("INRUN_ROUTE", "split")
+    build, shape, classes = MODELS[kind]
+    torch.manual_seed(0)
+    model = ik.patch(build().double())
+    train, val = make_data(5, shape, classes, seed=1), make_data(3, shape, classes, seed=2)
+    want = _loop_per_val(model, train, val)
+    got = ik.grad_dot(model, ce_loss, train, val, per_val=True)
+    assert got.shape == (5, 3)
+    assert rel_err(got, want) <= 1e-10
+    assert rel_err(ik.grad_dot(model, ce_loss, train, val), want.sum(1)) <= 1e-10
+    assert all(p.grad is None for p in model.parameters())
+    assert split_calls.get(backend, 0) > 0 and set(split_calls) == {backend}, split_calls
+
+
+def test_per_val_split_respects_the_temp_budget(monkeypatch, split_calls):
+    """auto route: M [p, d] validation gradients that exceed INRUN_TEMP_MB are not formed (the
+    Gram / dense routes run instead) and the values do not change."""
+    from inrun_kernels.ops.budget import temp_budget
+    monkeypatch.setenv("INRUN_BACKEND", "torch")
+    torch.manual_seed(0)
+    model = ik.patch(TokenMixer().double())
+    train, val = make_data(4, (7, 17), 4, seed=1), make_data(3, (7, 17), 4, seed=2)
+    want = _loop_per_val(model, train, val)
+    with temp_budget(1e-5):
+        got = ik.grad_dot(model, ce_loss, train, val, per_val=True)
+    assert not split_calls
+    assert rel_err(got, want) <= 1e-10
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_norms_by_the_split_route(backend, kind, monkeypatch, split_calls):
+    """ik.grad_norms: ||g_i||^2 from the same tiles (ops.ghost_split_norms) vs the loop oracle,
+    per parameter too; the bias fused or not (per_param keeps them apart)."""
+    from tests.oracle import loop_grads
+    monkeypatch.setenv("INRUN_BACKEND", backend)
+    monkeypatch.setenv("INRUN_ROUTE", "split")
+    from inrun_kernels import ops
+    norm_calls = []
+    real = ops.ghost_split_norms
+    monkeypatch.setattr(ops, "ghost_split_norms", lambda *a, **k: (norm_calls.append(1), real(*a, **k))[1])
+    build, shape, classes = MODELS[kind]
+    torch.manual_seed(0)
+    model = ik.patch(build().double())
+    train = make_data(5, shape, classes, seed=1)
+    m = copy.deepcopy(model)
+    ik.unpatch(m)
+    gt = loop_grads(m, ce_loss, train)
+    want = sum(g.flatten(1).square().sum(1) for g in gt.values())
+    assert rel_err(ik.grad_norms(model, ce_loss, train) ** 2, want) <= 1e-10
+    norms, share = ik.grad_norms(model, ce_loss, train, per_param=True)
+    assert rel_err(norms ** 2, want) <= 1e-10
+    for name, g in gt.items():
+        assert rel_err(share[name] ** 2, g.flatten(1).square().sum(1)) <= 1e-10, name
+    assert norm_calls and all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.triton
+def test_per_val_and_norms_through_the_triton_kernel(monkeypatch, split_calls, triton_launches):
+    """fp32 model, INRUN_BACKEND=triton (interpreter): per-validation dots and norms by the split
+    route vs the float64 loop oracle, fp32 tolerance."""
+    from tests.oracle import loop_grads
+    monkeypatch.setenv("INRUN_ROUTE", "split")
+    monkeypatch.setenv("INRUN_BACKEND", "triton")
+    torch.manual_seed(0)
+    model = ik.patch(TokenMixer())
+    train, val = make_data(4, (5, 17), 4, seed=1), make_data(2, (5, 17), 4, seed=2)
+    f32 = lambda b: tuple(t.float() if t.is_floating_point() else t for t in b)  # noqa: E731
+    want = _loop_per_val(copy.deepcopy(model).double(), train, val)
+    assert rel_err(ik.grad_dot(model, ce_loss, f32(train), f32(val), per_val=True), want) <= 1e-4
+    m = copy.deepcopy(model).double()
+    ik.unpatch(m)
+    want_n = sum(g.flatten(1).square().sum(1) for g in loop_grads(m, ce_loss, train).values())
+    assert rel_err(ik.grad_norms(model, ce_loss, f32(train)) ** 2, want_n) <= 1e-4
+    assert split_calls.get("triton", 0) > 0, split_calls
+    assert any("split" in name for name in triton_launches), triton_launches

@@ -1,6 +1,7 @@
 """The Triton kernel of the split route (kernels/ghost_split.py): weight gradient, bias gradient
-and per-sample dots / norms against the float64 reference ops/split.py AND an independent
-float64 oracle of explicit per-sample gradients g_i = B_i^T A_i; dispatch reaches the kernel.
+and per-sample dots (one V [p, d] or K vectors V [K, p, d]) / norms against the float64 reference
+ops/split.py AND an independent float64 oracle of explicit per-sample gradients g_i = B_i^T A_i;
+dispatch reaches the kernel.
 
 Runs on CPU under TRITON_INTERPRET=1 (conftest.py sets it before the package is imported); on a
 CUDA machine benchmarks/gpu_check.sh runs the same tests on the compiled kernels (pytest -m
@@ -102,18 +103,26 @@ def _check(got, want, bound, tol, what, dtype=torch.float32):
             f"{what} {name}: max err {err.max().item():.3e}, worst ratio {(err / lim).max().item():.2f}"
 
 
-def _run_both(A, B, V, vb, L, scale, bias, vb_given, dtype, what):
-    """split_dot and split_norms on NaN-padded inputs against the reference and the oracle."""
+def _dot_vs(orc, A, B, V, vb, L, scale, bias, vb_given, dtype, what):
+    """split_dot on NaN-padded inputs against oracle `orc` and the float64 reference; returns
+    the padded inputs (NaN, 0)."""
     An, Bn = _pad(A, L, float("nan")), _pad(B, L, float("nan"))
     A0, B0 = _pad(A, L, 0.0).double(), _pad(B, L, 0.0).double()
     v = vb if vb_given else None
     got = gs.split_dot(An, Bn, V, v, L, scale, bias=bias)
-    want = oracle(A0, B0, V, v, L, scale, bias)
+    want = orc(A0, B0, V, v, L, scale, bias)
     ref = sp.split_dot(A0, B0, V.double(), None if v is None else v.double(), L, scale, bias=bias)
-    bound = oracle(*_abs(A0, B0, V, v), L, abs(scale), bias)
+    bound = orc(*_abs(A0, B0, V, v), L, abs(scale), bias)
+    assert got[2].shape == want[2].shape, f"{what}: dots shape {tuple(got[2].shape)}"
     _check(ref, want, bound, 1e-12, f"{what} reference vs oracle", torch.float64)
     _check(got, want, bound, TOL[dtype], f"{what} split_dot vs oracle")
     _check(got, ref, bound, TOL[dtype], f"{what} split_dot vs reference")
+    return An, Bn, A0, B0
+
+
+def _run_both(A, B, V, vb, L, scale, bias, vb_given, dtype, what):
+    """split_dot and split_norms on NaN-padded inputs against the reference and the oracle."""
+    An, Bn, A0, B0 = _dot_vs(oracle, A, B, V, vb, L, scale, bias, vb_given, dtype, what)
 
     got = gs.split_norms(An, Bn, L, scale, bias=bias)
     want = oracle(A0, B0, None, None, L, scale, bias)
@@ -154,6 +163,96 @@ def test_split_low_precision(dtype, shape, v_dtype):
     if v_dtype == "same":
         V, vb = V.to(dtype), vb.to(dtype)
     _run_both(A, B, V, vb, L, 2.0, True, True, dtype, f"{dtype} {shape} V {V.dtype}")
+
+
+# ---- K vectors: V [K, p, d] -> dots [N, K] ----------------------------------------------------
+def _loop_oracle(A, B, V, vb, L, scale, bias):
+    """Per-sample gradients formed one sample at a time in float64 (valid tokens sliced out):
+    (W, bias grad or None, dots [N, K]) with dots[i, k] = <g_i, V[k]> (+ <B_i^T 1, vb[k]>)."""
+    A, B, V = A.double(), B.double(), V.double()
+    if A.dim() == 2:
+        A, B = A[:, None], B[:, None]
+    N, T, d = A.shape
+    W = torch.zeros(B.shape[-1], d, dtype=torch.float64, device=A.device)
+    gb = torch.zeros(B.shape[-1], dtype=torch.float64, device=A.device)
+    out = torch.zeros(N, V.shape[0], dtype=torch.float64, device=A.device)
+    for i in range(N):
+        n = T if L is None else min(T, int(L[i]))
+        g = B[i, :n].T @ A[i, :n]
+        W += g
+        gb += B[i, :n].sum(0)
+        for k in range(V.shape[0]):
+            out[i, k] = (g * V[k]).sum()
+            if bias and vb is not None:
+                out[i, k] += B[i, :n].sum(0) @ vb[k].double()
+    return W * scale, (gb * scale if bias else None), out
+
+
+def _inputs_k(shape, K, dtype=torch.float32, v_dtype=torch.float32, strided=False, seed=1):
+    """_inputs' A, B, lengths (padded) with K vectors V [K, p, d] and v_bias [K, p]; `strided`:
+    V and v_bias are non-contiguous views (k is not the outer stride)."""
+    A, B, _, _, L = _inputs(shape, dtype, True, seed)
+    p, d = shape[3], shape[2]
+    g = torch.Generator(device=DEVICE).manual_seed(seed + 1)
+    if strided:
+        V = torch.randn(p, d, K, generator=g, dtype=torch.float64, device=DEVICE).permute(2, 0, 1)
+        vb = torch.randn(p, K, generator=g, dtype=torch.float64, device=DEVICE).T
+    else:
+        V = torch.randn(K, p, d, generator=g, dtype=torch.float64, device=DEVICE)
+        vb = torch.randn(K, p, generator=g, dtype=torch.float64, device=DEVICE)
+    return A, B, V.to(v_dtype), vb.to(v_dtype), L
+
+
+def _run_k(A, B, V, vb, L, scale, bias, vb_given, dtype, what):
+    """split_dot with V [K, p, d] against the loop oracle and the float64 reference: dots [N, K] fp32."""
+    _dot_vs(_loop_oracle, A, B, V, vb, L, scale, bias, vb_given, dtype, what)
+
+
+@pytest.mark.parametrize("mode", [BIAS_MODES["nobias"], BIAS_MODES["full"]], ids=["nobias", "full"])
+@pytest.mark.parametrize("shape", [SHAPES["odd"], SHAPES["2d"], SHAPES["tiles"]], ids=["odd", "2d", "tiles"])
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_split_dot_k_vectors(K, shape, mode):
+    """K = 1 given as [1, p, d] takes the one-vector path but keeps dots [N, 1]; K > 1 loops over
+    k in the epilogue. Padded (incl. length-0 samples; 2-D: lengths 0 and 1), several tiles."""
+    bias, vb_given = mode
+    A, B, V, vb, L = _inputs_k(shape, K)
+    _run_k(A, B, V, vb, L, 0.375, bias, vb_given, torch.float32, f"K={K} {shape}")
+
+
+@pytest.mark.parametrize("mode", [BIAS_MODES["gradonly"], BIAS_MODES["vb_ignored"]], ids=["gradonly", "vb_ignored"])
+def test_split_dot_k_vectors_bias_modes(mode):
+    bias, vb_given = mode
+    A, B, V, vb, L = _inputs_k(SHAPES["pow2"], 2)
+    _run_k(A, B, V, vb, L, 2.0, bias, vb_given, torch.float32, f"K=2 {mode}")
+
+
+def test_split_dot_k_vectors_strided_unpadded_default_bias():
+    """Non-contiguous V / v_bias (k the innermost stride), no lengths, bias defaulting to
+    whether v_bias is given."""
+    shape = SHAPES["tiles"]
+    A, B, V, vb, _ = _inputs_k(shape, 3, strided=True)
+    assert not V.is_contiguous() and V.stride(0) == 1
+    _run_k(A, B, V, vb, None, 0.5, True, True, torch.float32, "strided V")
+    got = gs.split_dot(A, B, V, vb)
+    want = _loop_oracle(A, B, V, vb, None, 1.0, True)
+    _check(got, want, _loop_oracle(*_abs(A, B, V, vb), None, 1.0, True), 1e-5, "bias=None, vb [K, p]")
+
+
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_split_dot_k_vectors_low_precision(dtype, K):
+    """Low-precision A, B, V and v_bias: fp32 accumulation, fp32 dots [N, K]."""
+    A, B, V, vb, L = _inputs_k(SHAPES["odd"], K, dtype, dtype)
+    _run_k(A, B, V, vb, L, 2.0, True, True, dtype, f"{dtype} K={K}")
+
+
+@pytest.mark.parametrize("sms", [2, 10_000], ids=["uneven", "one_per_sample"])
+def test_split_dot_k_vectors_sample_splits(monkeypatch, sms):
+    """Sample splits with K vectors: each split writes its samples' rows of PART[tile, i, k]."""
+    monkeypatch.setattr(gs, "_sm_target", lambda device: sms)
+    A, B, V, vb, L = _inputs_k((5, 6, 20, 24), 3)
+    assert gs.plan_sample_splits(5, 1, DEVICE)[0] > 1
+    _run_k(A, B, V, vb, L, 0.5, True, True, torch.float32, f"K=3 sms={sms}")
 
 
 # ---- sample splits, strides, edge cases ------------------------------------------------------
@@ -209,6 +308,15 @@ def test_shape_errors():
         gs.split_dot(A, B, V.T)
     with pytest.raises(ValueError, match="v_bias"):
         gs.split_dot(A, B, V, vb[:2])
+    VK, vbK = torch.stack([V, V]), torch.stack([vb, vb])       # K = 2 vectors
+    for bad in (vb, vbK[:, :2], vbK[:1], vbK[None]):            # [p], [K, p'], [K', p], [1, K, p]
+        with pytest.raises(ValueError, match="v_bias"):
+            gs.split_dot(A, B, VK, bad)
+    with pytest.raises(ValueError, match="v_bias"):
+        gs.split_dot(A, B, V, vbK)                              # [K, p] with one V [p, d]
+    for bad in (VK[None], VK.transpose(1, 2)):                  # [1, K, p, d], [K, d, p]
+        with pytest.raises(ValueError, match="V"):
+            gs.split_dot(A, B, bad)
     with pytest.raises(ValueError, match="lengths"):
         gs.split_norms(A, B, torch.tensor([1], device=DEVICE))
     with pytest.raises(ValueError, match="same rank"):

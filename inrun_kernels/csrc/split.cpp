@@ -1,7 +1,8 @@
 // The split route on CPU: the weight-gradient GEMM sum_i B_i^T A_i with its reduction over
 // tokens split at sample boundaries, so that every (p, d) tile of each sample's gradient
 // g_i = B_i^T A_i passes through registers once: it is dotted with the same tile of a dense V
-// (or squared, for norms) and added into the weight-gradient tile. No per-sample gradient is
+// (or with the same tile of each of K vectors, e.g. one per validation sample; or squared, for
+// norms) and added into the weight-gradient tile. No per-sample gradient is
 // stored beyond one MR x NR register tile.
 //
 // Determinism: every output element and every partial sum has one owner (a macro tile, run by
@@ -110,21 +111,24 @@ std::unique_ptr<S[]> pack(const at::Tensor& X, int R) {
 template <typename S>
 void tiles(const int64_t N, const int64_t T, const int64_t d, const int64_t p, const int64_t nrb,
            const int64_t ncb, const int64_t ntc, const S* __restrict Ap, const S* __restrict Bp,
-           const S* __restrict Vp, S* __restrict Wd, const int64_t* __restrict len,
+           const S* __restrict Vp, const int64_t nv, S* __restrict Wd, const int64_t* __restrict len,
            S* __restrict partial, const bool norms, const int64_t tile0, const int64_t tile1) {
   using K = Split<S>;
   using V = typename K::V;
   constexpr int NR = K::NR;
+  const int64_t pd = p * d;   // stride between the nv vectors of Vp [nv, p, d]
   alignas(64) V acc[MR][NV];
   alignas(64) S g[MR][NR];
+  std::vector<V> dv(static_cast<size_t>(std::max<int64_t>(1, nv)));   // one running dot per vector
+  std::vector<S> ds(dv.size());
   for (int64_t tile = tile0; tile < tile1; ++tile) {
     const int64_t tr = tile / ntc, tc = tile % ntc;
     const int64_t ib0 = tr * MB, ib1 = std::min(nrb, ib0 + MB);
     const int64_t jb0 = tc * NB, jb1 = std::min(ncb, jb0 + NB);
     for (int64_t i = 0; i < N; ++i) {
       const int64_t Ti = len[i];
-      V dv = V{};
-      S ds = S(0);
+      std::fill(dv.begin(), dv.end(), V{});
+      std::fill(ds.begin(), ds.end(), S(0));
       for (int64_t jb = jb0; jb < jb1; ++jb) {
         const S* ap = Ap + (i * ncb + jb) * T * NR;
         const int64_t c0 = jb * NR, cw = std::min<int64_t>(NR, d - c0);
@@ -141,11 +145,14 @@ void tiles(const int64_t N, const int64_t T, const int64_t d, const int64_t p, c
                 w += acc[r][v];
                 std::memcpy(wrow + v * K::W, &w, sizeof(V));
                 if (norms) {
-                  dv += acc[r][v] * acc[r][v];
+                  dv[0] += acc[r][v] * acc[r][v];
                 } else {
-                  V vv;
-                  std::memcpy(&vv, Vp + (r0 + r) * d + c0 + v * K::W, sizeof(V));
-                  dv += acc[r][v] * vv;
+                  const S* vrow = Vp + (r0 + r) * d + c0 + v * K::W;
+                  for (int64_t k = 0; k < nv; ++k) {
+                    V vv;
+                    std::memcpy(&vv, vrow + k * pd, sizeof(V));
+                    dv[k] += acc[r][v] * vv;
+                  }
                 }
               }
             }
@@ -155,19 +162,24 @@ void tiles(const int64_t N, const int64_t T, const int64_t d, const int64_t p, c
               for (int64_t c = 0; c < cw; ++c) {
                 const S x = g[r][c];
                 Wd[(r0 + r) * d + c0 + c] += x;
-                ds += norms ? x * x : x * Vp[(r0 + r) * d + c0 + c];
+                if (norms) ds[0] += x * x;
+                else
+                  for (int64_t k = 0; k < nv; ++k) ds[k] += x * Vp[k * pd + (r0 + r) * d + c0 + c];
               }
           }
         }
       }
-      for (int w = 0; w < K::W; ++w) ds += dv[w];
-      partial[tile * N + i] = ds;
+      for (size_t k = 0; k < dv.size(); ++k) {
+        for (int w = 0; w < K::W; ++w) ds[k] += dv[k][w];
+        partial[(tile * N + i) * dv.size() + k] = ds[k];
+      }
     }
   }
 }
 
+// out [N, nv] (nv = 1 for norms): partial products summed over tiles in tile order.
 template <typename In, typename S>
-void run(const at::Tensor& A, const at::Tensor& B, const S* Vp, const std::vector<int64_t>& len,
+void run(const at::Tensor& A, const at::Tensor& B, const S* Vp, int64_t nv, const std::vector<int64_t>& len,
          bool norms, at::Tensor& Wt, at::Tensor& out) {
   constexpr int NR = Split<S>::NR;
   const int64_t N = A.size(0), T = A.size(1), d = A.size(2), p = B.size(2);
@@ -175,7 +187,8 @@ void run(const at::Tensor& A, const at::Tensor& B, const S* Vp, const std::vecto
   const int64_t ntr = (nrb + MB - 1) / MB, ntc = (ncb + NB - 1) / NB;  // macro tiles
   const int64_t n_tiles = ntr * ntc;
   std::unique_ptr<S[]> Ap = pack<In, S>(A, NR), Bp = pack<In, S>(B, MR);
-  std::vector<S> partial(static_cast<size_t>(n_tiles * N), S(0));
+  const int64_t nk = std::max<int64_t>(1, nv);
+  std::vector<S> partial(static_cast<size_t>(n_tiles * N * nk), S(0));
   S* Wd = Wt.data_ptr<S>();
 
   const S* ap0 = Ap.get();
@@ -183,26 +196,27 @@ void run(const at::Tensor& A, const at::Tensor& B, const S* Vp, const std::vecto
   const int64_t* lens = len.data();
   S* part = partial.data();
   if (at::get_num_threads() == 1) {   // no parallel region at all (measured faster on one thread)
-    tiles<S>(N, T, d, p, nrb, ncb, ntc, ap0, bp0, Vp, Wd, lens, part, norms, 0, n_tiles);
+    tiles<S>(N, T, d, p, nrb, ncb, ntc, ap0, bp0, Vp, nv, Wd, lens, part, norms, 0, n_tiles);
   } else {
     at::parallel_for(0, n_tiles, 1, [&](int64_t tile0, int64_t tile1) {
-      tiles<S>(N, T, d, p, nrb, ncb, ntc, ap0, bp0, Vp, Wd, lens, part, norms, tile0, tile1);
+      tiles<S>(N, T, d, p, nrb, ncb, ntc, ap0, bp0, Vp, nv, Wd, lens, part, norms, tile0, tile1);
     });
   }
 
   S* o = out.data_ptr<S>();
-  for (int64_t i = 0; i < N; ++i) {
+  for (int64_t i = 0; i < N * nk; ++i) {
     S s = S(0);
-    for (int64_t tile = 0; tile < n_tiles; ++tile) s += partial[tile * N + i];
+    for (int64_t tile = 0; tile < n_tiles; ++tile) s += partial[tile * N * nk + i];
     o[i] = s;
   }
 }
 
 // Per-sample bias gradients bs[i] = sum_{t < len_i} B[i, t] (fixed order), their sum, and the
-// per-sample bias product (dot with v_bias, or squared norm) added to out.
+// per-sample bias product (dot with each of the nv rows of v_bias [nv, p], or squared norm)
+// added to out [N, nv].
 template <typename In, typename S>
-at::Tensor bias_part(const at::Tensor& B, const S* vb, const std::vector<int64_t>& len, bool norms,
-                     at::Tensor& out) {
+at::Tensor bias_part(const at::Tensor& B, const S* vb, int64_t nv, const std::vector<int64_t>& len,
+                     bool norms, at::Tensor& out) {
   const int64_t N = B.size(0), T = B.size(1), p = B.size(2);
   std::vector<S> bs(static_cast<size_t>(N * p), S(0));
   const In* b = B.data_ptr<In>();
@@ -214,15 +228,18 @@ at::Tensor bias_part(const at::Tensor& B, const S* vb, const std::vector<int64_t
   at::Tensor gb = at::zeros({p}, out.options());
   S* g = gb.data_ptr<S>();
   S* o = out.data_ptr<S>();
+  const int64_t nk = std::max<int64_t>(1, nv);
   for (int64_t i = 0; i < N; ++i) {
-    S s = S(0);
-    for (int64_t r = 0; r < p; ++r) {
-      const S x = bs[i * p + r];
-      g[r] += x;
-      if (norms) s += x * x;
-      else if (vb) s += x * vb[r];
+    for (int64_t r = 0; r < p; ++r) g[r] += bs[i * p + r];
+    for (int64_t k = 0; k < nk; ++k) {
+      if (!norms && !vb) break;
+      S s = S(0);
+      for (int64_t r = 0; r < p; ++r) {
+        const S x = bs[i * p + r];
+        s += norms ? x * x : x * vb[k * p + r];
+      }
+      o[i * nk + k] += s;
     }
-    if (norms || vb) o[i] += s;
   }
   return gb;
 }
@@ -247,12 +264,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> split(at::Tensor A, at::Tensor B,
   B = B.to(in).contiguous();
   const int64_t N = A.size(0), T = A.size(1), d = A.size(2), p = B.size(2);
   at::Tensor Vc, vbc;
+  // V [p, d] -> out [N]; V [nv, p, d] (nv vectors, e.g. one per validation sample) -> out [N, nv]
+  const bool multi = V.has_value() && V->dim() == 3;
+  const int64_t nv = multi ? V->size(0) : 1;
   if (V.has_value()) {
-    TORCH_CHECK(V->dim() == 2 && V->size(0) == p && V->size(1) == d, "split: V must be [p, d]");
+    TORCH_CHECK((V->dim() == 2 || multi) && V->size(-2) == p && V->size(-1) == d,
+                "split: V must be [p, d] or [K, p, d]");
+    TORCH_CHECK(nv >= 1, "split: V [K, p, d] needs K >= 1");
     Vc = V->to(acc).contiguous();
   }
   if (v_bias.has_value()) {
-    TORCH_CHECK(v_bias->dim() == 1 && v_bias->size(0) == p, "split: v_bias must be [p]");
+    TORCH_CHECK(v_bias->dim() == (multi ? 2 : 1) && v_bias->size(-1) == p && (!multi || v_bias->size(0) == nv),
+                "split: v_bias must be [p] ([K, p] with V [K, p, d])");
     vbc = v_bias->to(acc).contiguous();
   }
   std::vector<int64_t> len(static_cast<size_t>(N), T);
@@ -263,21 +286,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> split(at::Tensor A, at::Tensor B,
     for (int64_t i = 0; i < N; ++i) len[i] = std::max<int64_t>(0, std::min<int64_t>(T, lp[i]));
   }
   at::Tensor Wt = at::zeros({p, d}, A.options().dtype(acc));
-  at::Tensor out = at::zeros({N}, A.options().dtype(acc));
+  at::Tensor out = multi ? at::zeros({N, nv}, A.options().dtype(acc)) : at::zeros({N}, A.options().dtype(acc));
   at::Tensor gb;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in, "inrun_split", [&] {
     using In = scalar_t;
     if (dbl) {
       if constexpr (std::is_same_v<In, double>) {
         const double* vp = norms ? nullptr : Vc.data_ptr<double>();
-        if (N > 0 && p > 0 && d > 0) run<In, double>(A, B, vp, len, norms, Wt, out);
-        if (bias) gb = bias_part<In, double>(B, vbc.defined() ? vbc.data_ptr<double>() : nullptr, len, norms, out);
+        if (N > 0 && p > 0 && d > 0) run<In, double>(A, B, vp, nv, len, norms, Wt, out);
+        if (bias) gb = bias_part<In, double>(B, vbc.defined() ? vbc.data_ptr<double>() : nullptr, nv, len, norms, out);
       }
     } else {
       if constexpr (!std::is_same_v<In, double>) {
         const float* vp = norms ? nullptr : Vc.data_ptr<float>();
-        if (N > 0 && p > 0 && d > 0) run<In, float>(A, B, vp, len, norms, Wt, out);
-        if (bias) gb = bias_part<In, float>(B, vbc.defined() ? vbc.data_ptr<float>() : nullptr, len, norms, out);
+        if (N > 0 && p > 0 && d > 0) run<In, float>(A, B, vp, nv, len, norms, Wt, out);
+        if (bias) gb = bias_part<In, float>(B, vbc.defined() ? vbc.data_ptr<float>() : nullptr, nv, len, norms, out);
       }
     }
   });

@@ -2,7 +2,8 @@
 
 A linear layer's weight gradient is sum_i g_i with g_i = B_i^T A_i (A [N, T, d] inputs, B [N, T, p]
 output gradients). The split route computes it in one pass and, on the way, each sample's
-<g_i, V> (split_dot) or ||g_i||^2 (split_norms), without ever storing a g_i.
+<g_i, V> (split_dot; V [p, d], or K dense vectors V [K, p, d] giving <g_i, V[k]>) or ||g_i||^2
+(split_norms), without ever storing a g_i.
 
 Kernel design. Grid: axis 0 = (p-tile, d-tile) pairs of the [p, d] output, axis 1 = sample
 splits (only when the output has too few tiles to fill the GPU once: each split then owns a
@@ -10,14 +11,18 @@ contiguous range of samples). A program loops over its samples i and, for each, 
 chunks of sample i (one flattened loop over (sample, chunk), so the software pipeline runs across
 sample boundaries), accumulating acc_i = B_i[:, ptile]^T A_i[:, dtile] in fp32 registers
 (tl.dot). Tokens t >= T or t >= lengths[i] are masked on load (never read). After a sample's last
-chunk (the epilogue): partial_i = sum(acc_i * V_tile) (V's tile is loaded once per program) or
-sum(acc_i^2) is written to PART[tile, i], acc_i is added into the weight-gradient tile W (kept in
-registers) and reset. W is stored once, scaled, to WP[split]. The host sums PART over tiles and
-WP over splits (fixed-order torch reductions: deterministic, no atomics).
+chunk (the epilogue): partial_i,k = sum(acc_i * V[k]_tile) for each k, or sum(acc_i^2), is
+written to PART[tile, i, k] (K = 1 for one V and for the norms), acc_i is added into the
+weight-gradient tile W (kept in registers) and reset. With one vector, V's tile is loaded once per
+program; with K > 1 the epilogue loops over k and reloads V[k]'s tile for every sample (K tiles
+would not fit in registers): N * K * p * d reads of V, served by L2 when V fits there. W is
+stored once, scaled, to WP[split]. The host sums PART over tiles and WP over splits (fixed-order
+torch reductions: deterministic, no atomics).
 
 The bias part (B_i^T 1 per sample, [N, p]) costs one read of B: it is a torch reduction over
 tokens in fp32 (B.sum(1, dtype=float32), which reads bf16/fp16 without an fp32 copy on CUDA);
-padded tokens are excluded with torch.where, so padding is never read into a result.
+padded tokens are excluded with torch.where, so padding is never read into a result. Its dots
+are one [N, p] x [p, K] matmul with v_bias.
 
 Dtypes (ops/split.py's conventions): fp32/bf16/fp16 inputs accumulate in fp32 and every output
 is fp32; fp64 inputs (any of A, B, V) are passed to the exact reference ops/split.py, as the
@@ -73,10 +78,11 @@ def _prune(cfgs, named_args, **kwargs):
 @triton.jit
 def _ghost_split_kernel(
     A, B, V, LEN, WP, PART,
-    s_an, s_at, s_ad, s_bn, s_bt, s_bp, s_vp, s_vd,
-    s_ws, s_wp, s_wd, s_pt, s_pn,
-    N, T, d, p, SPL, scale,
-    DOT: tl.constexpr, HAS_LEN: tl.constexpr, CDT: tl.constexpr, PREC: tl.constexpr,
+    s_an, s_at, s_ad, s_bn, s_bt, s_bp, s_vk, s_vp, s_vd,
+    s_ws, s_wp, s_wd, s_pt, s_pn, s_pk,
+    N, T, d, p, K, SPL, scale,
+    DOT: tl.constexpr, MULTI: tl.constexpr, HAS_LEN: tl.constexpr, CDT: tl.constexpr,
+    PREC: tl.constexpr,
     BP: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr,
 ):
     tile = tl.program_id(0).to(tl.int64)
@@ -93,9 +99,10 @@ def _ghost_split_kernel(
     i_lo = split * SPL
     n_i = tl.minimum(N - i_lo, SPL)            # samples of this split (<= 0: none)
     KT = tl.cdiv(T, BK)                         # token chunks per sample
-    if DOT:
-        v = tl.load(V + pp[:, None] * s_vp + dd[None, :] * s_vd,
-                    mask=pm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    v_tile = V + pp[:, None] * s_vp + dd[None, :] * s_vd
+    pdm = pm[:, None] & dm[None, :]
+    if DOT and not MULTI:                       # one vector: its tile stays in registers
+        v = tl.load(v_tile, mask=pdm, other=0.0).to(tl.float32)
     a_col = A + dd[None, :] * s_ad
     b_col = B + pp[None, :] * s_bp
     acc = tl.zeros([BP, BD], dtype=tl.float32)  # the sample's tile of g_i
@@ -110,16 +117,21 @@ def _ghost_split_kernel(
         a = tl.load(a_col + i * s_an + t[:, None] * s_at, mask=tm[:, None] & dm[None, :], other=0.0)
         b = tl.load(b_col + i * s_bn + t[:, None] * s_bt, mask=tm[:, None] & pm[None, :], other=0.0)
         acc = tl.dot(tl.trans(b.to(CDT)), a.to(CDT), acc, input_precision=PREC)
-        if kc == KT - 1:                        # sample i complete: its product, then into W
-            if DOT:
-                prod = acc * v
+        if kc == KT - 1:                        # sample i complete: its products, then into W
+            part_i = PART + tile * s_pt + i * s_pn
+            if MULTI:                           # K vectors: V[k]'s tile reloaded (L2) per k
+                for k in range(0, K):
+                    vk = tl.load(v_tile + k * s_vk, mask=pdm, other=0.0).to(tl.float32)
+                    tl.store(part_i + k * s_pk, tl.sum(tl.sum(acc * vk, axis=1), axis=0))
             else:
-                prod = acc * acc
-            tl.store(PART + tile * s_pt + i * s_pn, tl.sum(tl.sum(prod, axis=1), axis=0))
+                if DOT:
+                    prod = acc * v
+                else:
+                    prod = acc * acc
+                tl.store(part_i, tl.sum(tl.sum(prod, axis=1), axis=0))
             w += acc
             acc = tl.zeros([BP, BD], dtype=tl.float32)
-    tl.store(WP + split * s_ws + pp[:, None] * s_wp + dd[None, :] * s_wd, w * scale,
-             mask=pm[:, None] & dm[None, :])
+    tl.store(WP + split * s_ws + pp[:, None] * s_wp + dd[None, :] * s_wd, w * scale, mask=pdm)
 
 
 _autotuned = None
@@ -133,7 +145,7 @@ def _tuned_kernel():
     if _autotuned is None:
         _autotuned = triton.autotune(
             configs=configs(1 << 20, 1 << 20, 1 << 20),
-            key=["N", "T", "d", "p", "SPL", "DOT", "HAS_LEN", "CDT"],
+            key=["N", "T", "d", "p", "K", "SPL", "DOT", "HAS_LEN", "CDT"],
             prune_configs_by={"early_config_prune": _prune},
             reset_to_zero=["PART"],
         )(_ghost_split_kernel)
@@ -156,9 +168,13 @@ def plan_sample_splits(N: int, tiles: int, device: torch.device) -> tuple[int, i
 
 
 def _launch(A: Tensor, B: Tensor, V: Tensor | None, lens: Tensor | None, scale: float):
-    """Run the kernel: (weight gradient * scale [p, d] fp32, products [N] fp32)."""
+    """Run the kernel: (weight gradient * scale [p, d] fp32, products [N, K] fp32); V [p, d] runs
+    as K = 1, as do the norms (V None)."""
     N, T, d = A.shape
     p = B.shape[-1]
+    dot = V is not None
+    V3 = V if not dot or V.dim() == 3 else V[None]
+    K = V3.shape[0] if dot else 1
     dev = A.device
     cfgs = configs(T, d, p)
     single = len(cfgs) == 1
@@ -167,18 +183,18 @@ def _launch(A: Tensor, B: Tensor, V: Tensor | None, lens: Tensor | None, scale: 
     splits, spl = plan_sample_splits(N, triton.cdiv(p, bp) * triton.cdiv(d, bd), dev)
     wp = C.empty((splits, p, d), dev)
     if single:
-        part = C.empty((triton.cdiv(p, bp) * triton.cdiv(d, bd), N), dev)
+        part = C.empty((triton.cdiv(p, bp) * triton.cdiv(d, bd), N, K), dev)
     else:
         min_bp = min(c.kwargs["BP"] for c in cfgs)
         min_bd = min(c.kwargs["BD"] for c in cfgs)
-        part = torch.zeros(triton.cdiv(p, min_bp) * triton.cdiv(d, min_bd), N, dtype=torch.float32, device=dev)
-    dot = V is not None
+        part = torch.zeros(triton.cdiv(p, min_bp) * triton.cdiv(d, min_bd), N, K,
+                           dtype=torch.float32, device=dev)
     cdt = C.compute_dtype(A, B)
-    args = (A, B, V if dot else A, lens if lens is not None else A, wp, part,
-            *A.stride(), *B.stride(), *(V.stride() if dot else (0, 0)),
+    args = (A, B, V3 if dot else A, lens if lens is not None else A, wp, part,
+            *A.stride(), *B.stride(), *(V3.stride() if dot else (0, 0, 0)),
             *wp.stride(), *part.stride(),
-            N, T, d, p, spl, float(scale))
-    flags = dict(DOT=dot, HAS_LEN=lens is not None, CDT=cdt, PREC=C.dot_precision(cdt))
+            N, T, d, p, K, spl, float(scale))
+    flags = dict(DOT=dot, MULTI=K != 1, HAS_LEN=lens is not None, CDT=cdt, PREC=C.dot_precision(cdt))
 
     def grid(meta):
         return (triton.cdiv(p, meta["BP"]) * triton.cdiv(d, meta["BD"]), splits)
@@ -200,6 +216,8 @@ def _split(A: Tensor, B: Tensor, V: Tensor | None, lengths: Tensor | None, scale
            bias: bool, v_bias: Tensor | None):
     lens = C.lengths_arg(lengths, A.shape[0], A.device, "lengths")
     W, out = _launch(A, B, V, lens, scale)
+    if V is None or V.dim() == 2:
+        out = out[:, 0]                         # one vector (or the norms): [N], as the reference
     gb = None
     if bias:
         bs = _bias_rows(B, lens)
@@ -207,7 +225,8 @@ def _split(A: Tensor, B: Tensor, V: Tensor | None, lengths: Tensor | None, scale
         if V is None:
             out = out + bs.square().sum(1)
         elif v_bias is not None:
-            out = out + bs @ v_bias.to(torch.float32)
+            vb = v_bias.to(torch.float32)
+            out = out + bs @ (vb.T if vb.dim() == 2 else vb)   # [N, p] x [p(, K)]
     return W, gb, out
 
 
@@ -217,9 +236,10 @@ def _empty_problem(A: Tensor, B: Tensor) -> bool:
 
 def split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
               lengths: Tensor | None = None, scale: float = 1.0, *, bias: bool | None = None):
-    """(scale * sum_i g_i [p, d], scale * sum_i B_i^T 1 [p] or None, dots [N]) with
-    dots_i = <g_i, V> (+ <B_i^T 1, v_bias> when bias). Same contract as ops.split.split_dot:
-    the bias gradient is returned when `bias` (default: whether v_bias is given)."""
+    """(scale * sum_i g_i [p, d], scale * sum_i B_i^T 1 [p] or None, dots) with
+    dots_i = <g_i, V> (+ <B_i^T 1, v_bias> when bias): [N] for V [p, d], [N, K] for K vectors
+    V [K, p, d] (v_bias [K, p]). Same contract as ops.split.split_dot: the bias gradient is
+    returned when `bias` (default: whether v_bias is given)."""
     A, B = sp.as_rows_tokens(A, B, "split_dot")
     sp.check_operands("split_dot", A, B, V, v_bias, lengths)
     C.check_inputs("split_dot", *((A, B, V) if v_bias is None else (A, B, V, v_bias)))

@@ -36,9 +36,12 @@ def linear_backward(ctx_session, name: str, x: Tensor, gy: Tensor, weight: nn.Pa
     fused = sess.can_fuse(weight, bias)
     owned = (weight, bias) if fused else (weight,)
     gw = gb = None
-    if sess.grad_scale is not None and need_w and (need_b or not fused):
-        gw, gb = _split_route(sess, owned, A, B, fused)
-    if gw is not None:   # the weight (and fused bias) products are in
+    split = False
+    # the split route when .grad is left alone (functional API: the weight gradient it forms is
+    # dropped), or when it gives every gradient this backward owes
+    if sess.grad_scale is None or (need_w and (need_b or not fused)):
+        split, gw, gb = _split_route(sess, owned, A, B, fused)
+    if split:   # the weight (and fused bias) products are in
         if bias is not None and not fused:
             sess.add((bias,), Direct(B[:N].sum(1)), Direct(B[N:].sum(1)))
     elif fused:
@@ -58,34 +61,51 @@ def linear_backward(ctx_session, name: str, x: Tensor, gy: Tensor, weight: nn.Pa
             gb = b_tr.sum(0).mul_(sess.grad_scale)
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(bias.dtype)
+    else:
+        gw = gb = None
     return gw, gb
 
 
 def _split_route(sess, owned: tuple, A: Tensor, B: Tensor, fused: bool):
-    """The split route (ops/split.py): the training rows' weight gradient and their dots with a
-    dense V in one pass over the GEMM, V the prefetched vector or the validation rows' summed
-    gradient; taken when the cost model says it beats the GEMM plus a separate product.
-    Returns (weight gradient, fused bias gradient or None), or (None, None) when not taken."""
+    """The split route (ops/split.py): the training rows' weight gradient and their dots with
+    dense vectors in one pass over the GEMM: the prefetched V, the validation rows' summed
+    gradient, or (per-validation dots) each validation row's own gradient; or their squared
+    norms; taken when the cost model says it beats the GEMM plus a separate product.
+    Returns (taken, weight gradient, fused bias gradient or None)."""
     source = sess.split_source(owned)
     if source is None or B.dtype != A.dtype:   # autocast: the GEMM keeps nn.Linear's precision
-        return None, None
+        return False, None, None
     N = sess.n_train
-    M, S = (0, 0) if source == "dense_v" else (A.shape[0] - N, A.shape[1])
+    M, S = (0, 0) if source in ("dense_v", "norms") else (A.shape[0] - N, A.shape[1])
     if source == "val" and M == 0:
-        return None, None
-    if not ops.prefer_split(A[:N], B[:N], M, S, v_given=source == "dense_v"):
-        return None, None
+        return False, None, None
+    per_val = source == "val" and sess.want_per_val
+    if not ops.prefer_split(A[:N], B[:N], M, S, v_given=source == "dense_v", per_val=per_val,
+                            norms=source == "norms", weight_grad=sess.grad_scale is not None):
+        return False, None, None
+    p, d = B.shape[-1], A.shape[-1]
     # products accumulate in fp32 (fp64) whatever the caller's autocast (as products.py's do)
     with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+        if source == "norms":
+            gw, gb, norms = ops.ghost_split_norms(A[:N], B[:N], scale=sess.grad_scale or 1.0, bias=fused)
+            sess.add_norms(owned, norms)
+            return True, *_grad_precision(B, gw, gb)
         if source == "dense_v":
             V = sess.dense_vectors(owned)
-        else:
-            G, g_bias = Outer(A[N:], B[N:], bias=fused).summed()
+            V[0] = V[0].reshape(p, d)
+        else:   # [p, d] (+ [p]) summed over the validation rows, or [M, p, d] (+ [M, p]) each
+            G, g_bias = Outer(A[N:], B[N:], bias=fused).summed(per_row=per_val)
             V = [G, g_bias] if fused else [G]
-        gw, gb, dots = ops.ghost_split_dot(A[:N], B[:N], V[0].reshape(B.shape[-1], A.shape[-1]),
-                                           V[1] if fused else None, scale=sess.grad_scale, bias=fused)
+        gw, gb, dots = ops.ghost_split_dot(A[:N], B[:N], V[0], V[1] if fused else None,
+                                           scale=sess.grad_scale or 1.0, bias=fused)
     sess.add_dots(owned, dots)
-    if B.dtype in (torch.float16, torch.bfloat16):   # the gradient's precision, as the GEMM's
+    return True, *_grad_precision(B, gw, gb)
+
+
+def _grad_precision(B: Tensor, gw: Tensor, gb: Tensor | None):
+    """The split route's gradients (fp32 accumulated) in the output gradient's precision, as
+    the weight-gradient GEMM's would be."""
+    if B.dtype in (torch.float16, torch.bfloat16):
         gw, gb = gw.to(B.dtype), None if gb is None else gb.to(B.dtype)
     return gw, gb
 

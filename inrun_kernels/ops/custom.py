@@ -122,9 +122,9 @@ OPS = {"dot_gram": dot_gram, "dot_dense": dot_dense, "gram": gram, "norms_sq": n
 # ---- the split route (ops/split.py): weight gradient + per-sample products in one pass ------
 # torch.ops.inrun.split_dot(A, B, V, v_bias=None, lengths=None, scale=1.0, bias=False)
 # torch.ops.inrun.split_norms(A, B, lengths=None, scale=1.0, bias=False)
-# -> (weight grad [p, d], bias grad [p] (empty [0] when not bias), dots / norms [N]), all in the
-# accumulation dtype. The implementation is the dispatcher's: the C++ kernel on CPU when it is
-# built (INRUN_BACKEND=auto|cpp), else the PyTorch reference.
+# -> (weight grad [p, d], bias grad [p] (empty [0] when not bias), dots / norms [N]; dots [N, K]
+# for V [K, p, d]), all in the accumulation dtype. The implementation is the dispatcher's: the
+# C++ kernel on CPU when it is built (INRUN_BACKEND=auto|cpp), else the PyTorch reference.
 def _split_out(res, p: int, like: Tensor):
     W, gb, out = res
     if gb is None:
@@ -144,8 +144,9 @@ def split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Optional[Tensor] = None,
 def _split_dot_fake(A, B, V, v_bias=None, lengths=None, scale=1.0, bias=False):
     dt = _out_dtype(A, B, V)
     p, d = B.shape[-1], A.shape[-1]
+    dots = (A.shape[0], V.shape[0]) if V.dim() == 3 else (A.shape[0],)   # V [K, p, d]: [N, K]
     return (A.new_empty((p, d), dtype=dt), A.new_empty((p,) if bias else (0,), dtype=dt),
-            A.new_empty((A.shape[0],), dtype=dt))
+            A.new_empty(dots, dtype=dt))
 
 
 @torch.library.custom_op("inrun::split_norms", mutates_args=())

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import reference as ref
 from . import split as split_ref
+from .budget import temp_budget_elems
 
 log = logging.getLogger("inrun_kernels.dispatch")
 
@@ -226,32 +227,37 @@ def ghost_norms_sq(A: Tensor, B: Tensor, *, bias: bool, route: str | None = None
 
 
 # ---- the split route ----------------------------------------------------------------------
-def split_cost(N: int, T: int, d: int, p: int, elem_bytes: int = 4) -> tuple[float, float]:
-    """(flops, bytes) of the split route: the weight-gradient GEMM plus one d*p dot (or square)
-    per sample; its I/O is the GEMM's plus reading V. Compare with the GEMM alone plus a
-    dense_route product (dot_route_costs' "dense" with M*S = 0, i.e. G_val given)."""
-    return (2.0 * N * T * p * d + 2.0 * N * p * d,
-            float((N * T * (d + p) + 2 * p * d) * elem_bytes))
+def split_cost(N: int, T: int, d: int, p: int, elem_bytes: int = 4, K: int = 1) -> tuple[float, float]:
+    """(flops, bytes) of the split route: the weight-gradient GEMM plus K d*p dots (or one
+    square) per sample; its I/O is the GEMM's plus reading the K vectors. Compare with the GEMM
+    alone plus a dense_route product (dot_route_costs' "dense" with M*S = 0, i.e. G_val given)."""
+    return (2.0 * N * T * p * d + 2.0 * K * N * p * d,
+            float((N * T * (d + p) + (1 + K) * p * d) * elem_bytes))
 
 
-def prefer_split(A: Tensor, B: Tensor, M: int, S: int, *, v_given: bool) -> bool:
+def prefer_split(A: Tensor, B: Tensor, M: int, S: int, *, v_given: bool, per_val: bool = False,
+                 norms: bool = False, weight_grad: bool = True) -> bool:
     """Whether a linear-type layer's backward should take the split route for its training rows
     A [N, T, d], B [N, T, p]: weight gradient and <g_i, V> in one pass, instead of the weight-
     gradient GEMM plus the cheaper of the Gram and dense products. V is either given (a dense
     vector known before the backward: v_given) or the summed gradient of M validation rows of
-    S tokens (computed first: 2 M S p d flops, which the dense route pays too). The torch
-    reference writes and re-reads each chunk's per-sample tiles; cpp/Triton keep them in
-    registers."""
+    S tokens (computed first: 2 M S p d flops, which the dense route pays too); per_val: one V
+    per validation row (M dots per sample; not when the M [p, d] vectors exceed INRUN_TEMP_MB);
+    norms: squared norms instead of dots (against the Gram / materialised norm routes).
+    weight_grad=False: the layer owes no weight gradient (functional API), so the other routes
+    do not pay the GEMM while the split route still does. The torch reference writes and
+    re-reads each chunk's per-sample tiles; cpp/Triton keep them in registers."""
     forced = requested_route()
     if forced != "auto":
         return forced == "split"
     # one decision per layer shape and setting: this runs in every linear backward of every step
-    key = (tuple(A.shape), B.shape[-1], M, S, v_given, A.dtype, A.device.type, requested_backend())
+    key = (tuple(A.shape), B.shape[-1], M, S, v_given, per_val, norms, weight_grad, A.dtype,
+           A.device.type, requested_backend(), temp_budget_elems())
     hit = _split_choices.get(key)
     if hit is None:
         if len(_split_choices) > 4096:
             _split_choices.clear()
-        hit = _split_choices[key] = _split_pays(A, B, M, S, v_given)
+        hit = _split_choices[key] = _split_pays(A, B, M, S, v_given, per_val, norms, weight_grad)
     return hit
 
 
@@ -267,24 +273,32 @@ _OP_FLOPS = {"cpu": 8e5}
 _OPS = {"gemm": 2, "gram": 8, "dense": 6, "dense_val": 9, "split_torch": 7, "split_cpp": 2, "val": 3}
 
 
-def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool) -> bool:
+def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool, per_val: bool, norms: bool,
+                weight_grad: bool) -> bool:
     N, T, d = A.shape
     p = B.shape[-1]
     e = A.element_size()
+    K = M if per_val else 1
+    if per_val and K * p * d > temp_budget_elems():   # the M per-validation-row gradients
+        return False
     bal, op = _balance(A), _OP_FLOPS.get(A.device.type, 0.0)
-    gemm = 2.0 * N * T * p * d + bal * N * T * (d + p) * e + _OPS["gemm"] * op
-    routes = dot_route_costs(N, T, 0 if v_given else M, 0 if v_given else S, d, p, False, e, _fused(A, B))
-    if v_given:   # the GEMM plus the dense product with the given V
+    gemm = (2.0 * N * T * p * d + bal * N * T * (d + p) * e + _OPS["gemm"] * op) if weight_grad else 0.0
+    routes = dot_route_costs(N, T, 0 if v_given else M, 0 if v_given else S, d, p, per_val, e, _fused(A, B))
+    if norms:     # the GEMM plus the cheaper norm route (one op each beyond the GEMM's)
+        costs = self_route_costs(N, T, d, p, N, e, _fused(A, B))
+        other = min(c[0] + bal * c[1] for c in costs.values()) + _OPS["gram"] * op
+        val = 0.0
+    elif v_given:   # the GEMM plus the dense product with the given V
         other = routes["dense"][0] + bal * routes["dense"][1] + _OPS["dense"] * op
         val = 0.0
     else:
         other = min(routes["gram"][0] + bal * routes["gram"][1] + _OPS["gram"] * op,
                     routes["dense"][0] + bal * routes["dense"][1] + _OPS["dense_val"] * op)
         val = 2.0 * M * S * p * d + bal * M * S * (d + p) * e + _OPS["val"] * op
-    flops, byts = split_cost(N, T, d, p, e)
+    flops, byts = split_cost(N, T, d, p, e, K)
     backend = resolve_backend(A, B, primitive="split_dot")
     if backend == "torch":
-        byts += 3.0 * N * p * d * e   # the reference's [chunk, p, d] tiles: written, read twice
+        byts += (2.0 + K) * N * p * d * e   # the reference's [chunk, p, d] tiles: written, read 1 + K times
     split = flops + bal * byts + val + _OPS["split_cpp" if backend == "cpp" else "split_torch"] * op
     return split < gemm + other
 
@@ -292,7 +306,8 @@ def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool) -> bool:
 def ghost_split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
                     lengths: Tensor | None = None, scale: float = 1.0, *, bias: bool | None = None):
     """(scale * sum_i g_i [p, d], scale * bias gradient [p] or None, <g_i, V> (+ <B_i^T 1, v_bias>) [N])
-    in one pass over the weight-gradient GEMM (ops/split.py). A/B: [N, T, d]/[N, T, p] or [N, d]/[N, p]."""
+    in one pass over the weight-gradient GEMM (ops/split.py). A/B: [N, T, d]/[N, T, p] or [N, d]/[N, p].
+    K vectors at once: V [K, p, d] (v_bias [K, p]) -> dots [N, K]."""
     return _impl("split_dot", (A, B, V))(A, B, V, v_bias, lengths, scale, bias=bias)
 
 

@@ -39,12 +39,18 @@ def as_rows_tokens(A: Tensor, B: Tensor, name: str) -> tuple[Tensor, Tensor]:
 
 def check_operands(name: str, A: Tensor, B: Tensor, V: Tensor | None = None,
                    v_bias: Tensor | None = None, lengths: Tensor | None = None) -> None:
+    """V [p, d] (one vector: dots [N]) or [K, p, d] (K vectors, e.g. one per validation sample:
+    dots [N, K]); v_bias [p] or [K, p] to match."""
     N, _, d = A.shape
     p = B.shape[-1]
-    if V is not None and tuple(V.shape) != (p, d):
-        raise ValueError(f"{name}: V{tuple(V.shape)} must be [p, d] = [{p}, {d}]")
-    if v_bias is not None and tuple(v_bias.shape) != (p,):
-        raise ValueError(f"{name}: v_bias{tuple(v_bias.shape)} must be [p] = [{p}]")
+    if V is not None and (V.dim() not in (2, 3) or tuple(V.shape[-2:]) != (p, d)):
+        raise ValueError(f"{name}: V{tuple(V.shape)} must be [p, d] = [{p}, {d}] or [K, {p}, {d}]")
+    if V is not None and V.dim() == 3 and V.shape[0] == 0:
+        raise ValueError(f"{name}: V{tuple(V.shape)} holds no vector (K = 0)")
+    if v_bias is not None:
+        want = (p,) if V is None or V.dim() == 2 else (V.shape[0], p)
+        if tuple(v_bias.shape) != want:
+            raise ValueError(f"{name}: v_bias{tuple(v_bias.shape)} must be {list(want)} to match V{tuple(V.shape)}")
     if lengths is not None and tuple(lengths.shape) != (N,):
         raise ValueError(f"{name}: lengths{tuple(lengths.shape)} must be [N] = [{N}]")
 
@@ -64,7 +70,8 @@ def _split(A: Tensor, B: Tensor, V: Tensor | None, lengths: Tensor | None, scale
     p = B.shape[-1]
     B = _mask_lengths(B, lengths)
     W = torch.zeros(p, d, dtype=dt, device=A.device)
-    out = torch.zeros(N, dtype=dt, device=A.device)
+    multi = V is not None and V.dim() == 3
+    out = torch.zeros((N, V.shape[0]) if multi else (N,), dtype=dt, device=A.device)
     Vd = None if V is None else V.to(dt)
     n, rows = _chunks(N, p, d)
     for i0 in range(0, N, n):
@@ -75,6 +82,8 @@ def _split(A: Tensor, B: Tensor, V: Tensor | None, lengths: Tensor | None, scale
             W[r0:r0 + rows] += g.sum(0)
             if Vd is None:
                 out[i0:i0 + n] += g.square().sum((1, 2))
+            elif multi:   # [n, rows*d] x [rows*d, K]
+                out[i0:i0 + n] += g.reshape(g.shape[0], -1) @ Vd[:, r0:r0 + rows].reshape(Vd.shape[0], -1).T
             else:
                 out[i0:i0 + n] += (g * Vd[r0:r0 + rows]).sum((1, 2))
     gb = None
@@ -84,15 +93,16 @@ def _split(A: Tensor, B: Tensor, V: Tensor | None, lengths: Tensor | None, scale
         if V is None:
             out += bs.square().sum(1)
         elif v_bias is not None:
-            out += bs @ v_bias.to(dt)
+            vb = v_bias.to(dt)
+            out += bs @ (vb.T if vb.dim() == 2 else vb)   # [N, p] x [p(, K)]
     return W * scale, gb, out
 
 
 def split_dot(A: Tensor, B: Tensor, V: Tensor, v_bias: Tensor | None = None,
               lengths: Tensor | None = None, scale: float = 1.0, *, bias: bool | None = None):
-    """(scale * sum_i g_i [p, d], scale * sum_i B_i^T 1 [p] or None, dots [N]) with
-    dots_i = <g_i, V> (+ <B_i^T 1, v_bias>). The bias gradient is returned when `bias`
-    (default: whether v_bias is given)."""
+    """(scale * sum_i g_i [p, d], scale * sum_i B_i^T 1 [p] or None, dots) with
+    dots_i = <g_i, V> (+ <B_i^T 1, v_bias>): [N] for V [p, d], [N, K] for K vectors V [K, p, d]
+    (v_bias [K, p]). The bias gradient is returned when `bias` (default: whether v_bias is given)."""
     A, B = as_rows_tokens(A, B, "split_dot")
     check_operands("split_dot", A, B, V, v_bias, lengths)
     bias = (v_bias is not None) if bias is None else bias
