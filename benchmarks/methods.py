@@ -41,6 +41,10 @@ ESTIMATORS = {"inrun_first_sgd": ("first", "sgd"), "inrun_first": ("first", "opt
               "inrun_midpoint": ("midpoint", "optimizer"), "inrun_second": ("second", "optimizer")}
 # estimator cost targets (issue 8), d256 T128 N16 M1, checked by the report: step-time ratio to
 # plain, and peak memory of inrun_midpoint relative to the concatenated plain step
+# issue 12 (the split route), CPU, 2 threads: d256 T128 N16 M1 / M4 step ratios to plain; T=256
+# configs against the concatenated step; the baselines (loop with 5% slack); memory vs concat
+SPLIT_TARGETS = {"ratio_M1": 1.12, "ratio_M4": 1.35, "t256_vs_concat": 1.10, "vs_loop": 1.05,
+                 "mem_vs_concat": 1.05}
 ESTIMATOR_TARGETS = {"inrun_first": 1.45, "inrun_midpoint": 1.80, "inrun_midpoint_mem_vs_concat": 1.30}
 
 

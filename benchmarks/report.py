@@ -110,6 +110,43 @@ def targets(res: dict) -> list[tuple[str, str, str]]:
     return rows
 
 
+def split_targets(res: dict) -> list[tuple[str, str, str]]:
+    """(target, measured, verdict) for issue 12's CPU targets (the split route), judged on the
+    InRun column that runs what INRUN_BACKEND=auto runs on CPU (cpp: the C++ split kernel, the
+    reference for the other products), else the torch one; each figure beside its floor."""
+    from .methods import SPLIT_TARGETS as TG
+    rows = []
+    key, _ = _mem_key(res)
+    for c in res["configs"]:
+        k, t = c["config"], c["time"]
+        col = next((m for m in ("inrun[cpp]", "inrun[torch]") if "ratio" in t.get(m, {})), None)
+        floor = t.get("plain_concat", {})
+        if col is None or "ratio" not in floor:
+            continue
+        r, fl, name = t[col]["ratio"], floor["ratio"], f"{SHORT[col]}, {_cfg_cell(c)}"
+        base = (k["d"], k["N"], k["n_layer"], k.get("vocab", 8192)) == (256, 16, 4, 8192)
+        if base and k["T"] == 128 and k["M"] in (1, 4):
+            lim = TG["ratio_M1" if k["M"] == 1 else "ratio_M4"]
+            rows.append((f"{name}: <= {lim:.2f}x plain", f"{r:.2f} (concatenated step {fl:.2f})",
+                         "holds" if r <= lim else "MISSED"))
+        if k["T"] == 256:
+            lim = TG["t256_vs_concat"]
+            rows.append((f"{name}: <= {lim:.2f}x the concatenated step", f"{r / fl:.2f} ({r:.2f} / {fl:.2f})",
+                         "holds" if r / fl <= lim else "MISSED"))
+        for other, slack, what in (("vmap", 1.0, "faster than (b) vmap"),
+                                   ("loop", TG["vs_loop"], "no slower than (c) loop + 5%")):
+            o = t.get(other, {})
+            if "ratio" in o:
+                rows.append((f"{name}: {what}", f"{r:.2f} vs {o['ratio']:.2f}",
+                             "holds" if (r < o["ratio"] if slack == 1.0 else r <= slack * o["ratio"]) else "MISSED"))
+        mem = c.get("memory", {})
+        a, b = mem.get(col, {}), mem.get("plain_concat", {})
+        if key in a and key in b:
+            rows.append((f"{name}: peak memory <= concatenated step + 5%", f"{a[key] / b[key]:.3f}x",
+                         "holds" if a[key] / b[key] <= TG["mem_vs_concat"] else "MISSED"))
+    return rows
+
+
 def plots(res: dict, prefix: str, outdir: str = HERE) -> list[str]:
     """overhead vs T and memory vs T, one panel per (d, M) at the largest N; returns file names."""
     try:
@@ -240,6 +277,9 @@ def render(res: dict, src: str, prefix: str, outdir: str = HERE) -> str:
     tg = targets(res)
     if tg:
         L += _target_table("Targets (issue 5):", tg)
+    tg = split_targets(res)
+    if tg:
+        L += _target_table("Targets (issue 12, the split route):", tg)
     for pr in res.get("profile", []):
         L.append(f"Profile of {pr['name']} (torch.profiler, self CPU time per step, {pr['steps']} steps):")
         L.append("")

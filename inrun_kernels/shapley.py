@@ -75,13 +75,24 @@ class _Pending:
         return torch.cat(self.ids)
 
 
-def _fingerprint(params: list[nn.Parameter]) -> list[Tensor | None]:
-    """(sum, sum of squares) of each p.grad, float64, left on its device (no sync here)."""
-    out = []
-    for p in params:
-        g = None if p.grad is None else local_shard(p.grad.detach())
-        out.append(None if g is None else torch.stack(
-            [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]))
+def _fingerprint(params: list[nn.Parameter]) -> Tensor:
+    """[len(params), 2] float64 (sum, sum of squares) of each p.grad (zeros where None), left on
+    the gradients' device (no sync here). A handful of ops whatever the parameter count: this
+    runs every step, and small models feel every op."""
+    grads = [None if p.grad is None else local_shard(p.grad.detach()) for p in params]
+    live = [k for k, g in enumerate(grads) if g is not None]
+    devices = {grads[k].device for k in live}
+    if not live or len(devices) > 1:   # (gradients on several devices: one row at a time, on CPU)
+        return torch.stack([torch.zeros(2, dtype=torch.float64) if g is None else torch.stack(
+            [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]).cpu()
+            for g in grads]) if grads else torch.zeros(0, 2, dtype=torch.float64)
+    gs = [grads[k] for k in live]
+    rows = torch.stack([torch.stack([g.sum(dtype=torch.float64) for g in gs]),
+                        torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float64)).square()], 1)
+    if len(live) == len(grads):
+        return rows
+    out = rows.new_zeros(len(grads), 2)
+    out[torch.tensor(live, device=rows.device)] = rows
     return out
 
 
@@ -114,11 +125,6 @@ def _check_optimizer_holds(model: nn.Module, optimizer: torch.optim.Optimizer) -
     if missing:
         warnings.warn(f"the optimizer does not update {missing[:5]}{' ...' if len(missing) > 5 else ''}: "
                       "they contribute nothing to the values", stacklevel=3)
-
-
-def _on_cpu(fp: list[Tensor | None]) -> Tensor:
-    rows = [torch.zeros(2, dtype=torch.float64) if t is None else t.cpu() for t in fp]
-    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.float64)
 
 
 class InRunShapley:
@@ -357,7 +363,7 @@ class InRunShapley:
         """c such that p.grad == c * (the gradient the step produced) for every parameter."""
         if all(p.grad is g and (g is None or g._version == v) for p, (g, v) in zip(pend.params, pend.grads)):
             return 1.0
-        before, now = _on_cpu(pend.fingerprint), _on_cpu(_fingerprint(pend.params))
+        before, now = pend.fingerprint.cpu(), _fingerprint(pend.params).cpu()
         total = float(before[:, 1].sum())
         if total == 0.0:
             return 1.0

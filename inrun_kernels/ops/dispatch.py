@@ -271,6 +271,13 @@ _OP_FLOPS = {"cpu": 8e5}
 # ops per call, torch reference: the GEMM (mm, scale); the Gram route; the dense route (given V /
 # with its validation gradient); the split route (reference chunk / C++ call) and its V
 _OPS = {"gemm": 2, "gram": 8, "dense": 6, "dense_val": 9, "split_torch": 7, "split_cpp": 2, "val": 3}
+# The C++ split kernel against the library GEMM it replaces (measured here, 1-2 threads, AMD EPYC,
+# benchmarks.split_bench and the T sweep in issue 12's note): its register-tiled GEMM runs at
+# ~1/1.5 of MKL's speed (1.4-1.9x at T >= 64), and its per-sample epilogue (read-add-write of the
+# weight-gradient tile, read of V's tile, one FMA) costs ~0.75 ns per weight entry and sample,
+# ~30 flops at this cost model's rate: at T = 1 (2-D inputs) the kernel is 6-13x the GEMM.
+_CPP_GEMM_FACTOR = 1.5
+_CPP_EPILOGUE_FLOPS = 30.0
 
 
 def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool, per_val: bool, norms: bool,
@@ -299,6 +306,8 @@ def _split_pays(A: Tensor, B: Tensor, M: int, S: int, v_given: bool, per_val: bo
     backend = resolve_backend(A, B, primitive="split_dot")
     if backend == "torch":
         byts += (2.0 + K) * N * p * d * e   # the reference's [chunk, p, d] tiles: written, read 1 + K times
+    elif backend == "cpp":
+        flops += (_CPP_GEMM_FACTOR - 1.0) * 2.0 * N * T * p * d + _CPP_EPILOGUE_FLOPS * K * N * p * d
     split = flops + bal * byts + val + _OPS["split_cpp" if backend == "cpp" else "split_torch"] * op
     return split < gemm + other
 
