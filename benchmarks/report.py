@@ -174,6 +174,8 @@ def plots(res: dict, prefix: str, outdir: str = HERE) -> list[str]:
     files = []
     for what, idx, ylabel, fname in (("overhead", 1, "step time / plain train step", f"{prefix}overhead_vs_T.png"),
                                      ("memory", 2, "peak memory (MiB)", f"{prefix}memory_vs_T.png")):
+        if not any(p[idx] is not None for g in groups.values() for pts in g.values() for p in pts):
+            continue   # (a run without memory probes: no empty plot)
         fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
         for ax, pk in zip(axes[0], panels):
             for m in _methods(res):

@@ -92,6 +92,14 @@ def pytest_report_teststatus(report, config):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from inrun_kernels.ops import cpp_backend
+    state = cpp_backend._state
+    if "module" in state:   # where the C++ extension the tests ran came from
+        how = (f"built in this run in {cpp_backend.build_seconds:.0f} s" if cpp_backend.build_seconds
+               else "loaded from a previous build")
+        terminalreporter.write_line(f"C++ extension: {how} ({getattr(state['module'], '__file__', '?')})")
+    elif "error" in state:
+        terminalreporter.write_line(f"C++ extension: unavailable: {state['error'][:300]}")
     gpu = terminalreporter.stats.get(GPU_ONLY, [])
     if gpu:
         terminalreporter.section(f"{len(gpu)} tests need a CUDA GPU (benchmarks/gpu_check.sh runs them)")

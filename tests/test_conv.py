@@ -140,7 +140,7 @@ def check_engine(model, train, val, orc, verify=True):
 
 
 @pytest.mark.parametrize("grouped_rep", ["auto", "direct", "outer"], indirect=True)
-@pytest.mark.parametrize("route", ["gram", "dense"])
+@pytest.mark.parametrize("route", ["gram", "dense", "split"])
 @pytest.mark.parametrize("kind", sorted(MODELS))
 def test_products_and_engine_match_the_oracle(kind, route, grouped_rep, monkeypatch, primitives_run):
     monkeypatch.setenv("INRUN_ROUTE", route)
@@ -148,7 +148,9 @@ def test_products_and_engine_match_the_oracle(kind, route, grouped_rep, monkeypa
     train, val = data(kind, N, 1), data(kind, M, 2)
     orc = Oracle(model, ce, train, val)
     check_products(model, train, val, orc)
-    ran = {"gram": {"dot_gram", "gram"}, "dense": {"dot_dense", "gram_materialised"}}[route]
+    # split: the groups=1 convolutions' dots, per-val dots and norms inside the weight-gradient pass
+    ran = {"gram": {"dot_gram", "gram"}, "dense": {"dot_dense", "gram_materialised"},
+           "split": {"split_dot", "split_norms"}}[route]
     assert ran <= set(primitives_run), primitives_run   # the forced route did run
     check_engine(model, train, val, orc)
 
