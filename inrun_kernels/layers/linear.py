@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
+from .. import ops, products
 from .. import session as _session
 from . import compiled as _compiled
 from ..reps import Direct, Outer
@@ -85,7 +85,7 @@ def _split_route(sess, owned: tuple, A: Tensor, B: Tensor, fused: bool):
         return False, None, None
     p, d = B.shape[-1], A.shape[-1]
     # products accumulate in fp32 (fp64) whatever the caller's autocast (as products.py's do)
-    with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+    with products.no_autocast():
         if source == "norms":
             gw, gb, norms = ops.ghost_split_norms(A[:N], B[:N], scale=sess.grad_scale or 1.0, bias=fused)
             sess.add_norms(owned, norms)

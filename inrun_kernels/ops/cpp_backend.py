@@ -1,4 +1,4 @@
-"""The C++ CPU extension (inrun_kernels/csrc/split.cpp): the fused split route.
+"""The C++ CPU extension (csrc/split.cpp at the repository root): the fused split route.
 
 How it is found, first success wins:
 1. built ahead of time: `INRUN_BUILD_EXT=1 pip install --no-build-isolation -e .` compiles it
@@ -25,7 +25,17 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "split.cpp"
+
+
+def _source() -> Path:
+    """csrc/split.cpp: inside the package in an installed wheel (setup.py copies it there), at the
+    repository root in a source checkout or an editable install."""
+    pkg = Path(__file__).resolve().parent.parent
+    shipped = pkg / "csrc" / "split.cpp"
+    return shipped if shipped.exists() else pkg.parent / "csrc" / "split.cpp"
+
+
+SOURCE = _source()
 # -march=native: the JIT build runs on the machine that uses it (the cache key includes the
 # CPU's flags); -ffp-contract=fast lets the compiler fuse multiply-adds under -std=c++17.
 # -fopenmp (Linux, where torch is built with OpenMP and ships libgomp.so.1, which the extension
