@@ -151,12 +151,13 @@ def _rel(x, y) -> float:
     return ((x.double() - y.double()).norm() / y.double().norm().clamp_min(1e-30)).item()
 
 
-def split_case(N, T, dp):
-    """One shape: interleaved rounds of the GEMM alone and the split route; ratio of medians."""
+def split_case(N, T, dp, K=1):
+    """One shape: interleaved rounds of the GEMM alone and the split route; ratio of medians.
+    K > 1: K vectors at once (V [K, p, d], per-validation dots: ik.grad_dot(per_val=True))."""
     d = p = dp
     A = torch.randn(N, T, d, device=DEV, dtype=DT)
     B = torch.randn(N, T, p, device=DEV, dtype=DT) * 0.01
-    V = torch.randn(p, d, device=DEV, dtype=torch.float32)
+    V = torch.randn(*((K,) if K > 1 else ()), p, d, device=DEV, dtype=torch.float32)
     a2, b2 = A.reshape(-1, d), B.reshape(-1, p)
 
     def gemm():
@@ -179,7 +180,7 @@ def split_case(N, T, dp):
             q = do_bench(fn, warmup=10, rep=40, quantiles=QUANT)
             res[name]["p50"].append(float(q[1]))
     flops = 2.0 * N * T * p * d
-    out = {"N": N, "T": T, "d": d, "p": p, "config": config, "err_W": err_w, "err_dots": err_dots}
+    out = {"N": N, "T": T, "d": d, "p": p, "K": K, "config": config, "err_W": err_w, "err_dots": err_dots}
     for name in ("gemm", "split"):
         ms = sorted(res[name]["p50"])[len(res[name]["p50"]) // 2]
         out[f"{name}_ms"] = ms
@@ -203,16 +204,16 @@ def _write_split(outdir, meta, results):
              "gemm = torch.mm(B.reshape(-1, p).T, A.reshape(-1, d)) (bf16 out). "
              f"Ratio of median times over {SPLIT_ROUNDS} interleaved rounds; target <= {SPLIT_TARGET:.2f}x. "
              f"{ok}/{len(done)} shapes meet it.", "",
-             "| N | T | d=p | gemm ms | split ms | ratio | gemm TFLOP/s | split TFLOP/s | split peak MB | "
+             "| N | T | d=p | K | gemm ms | split ms | ratio | gemm TFLOP/s | split TFLOP/s | split peak MB | "
              "err W | err dots | config |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "ratio" in r:
-            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | {r['gemm_ms']:.4f} | {r['split_ms']:.4f} | "
+            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | {r.get('K', 1)} | {r['gemm_ms']:.4f} | {r['split_ms']:.4f} | "
                          f"**{r['ratio']:.3f}** | {r['gemm_tflops']:.1f} | {r['split_tflops']:.1f} | "
                          f"{r['split_peak_mb']:.1f} | {r['err_W']:.1e} | {r['err_dots']:.1e} | {r['config']} |")
         else:
-            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | - | - | - | - | - | - | - | - | {r['note']} |")
+            lines.append(f"| {r['N']} | {r['T']} | {r['d']} | {r.get('K', 1)} | - | - | - | - | - | - | - | - | {r['note']} |")
     with open(os.path.join(outdir, "bench_split.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return lines
@@ -220,21 +221,21 @@ def _write_split(outdir, meta, results):
 
 def run_split(args, meta):
     Ns = (16,) if args.quick else (8, 16)
+    cases = [(N, T, dp, 1) for N in Ns for T in (128, 256, 1024) for dp in (768, 1024, 2048, 4096)]
+    cases += [(16, 1024, dp, 4) for dp in (768, 2048)]   # per-validation dots, M = 4 vectors
     results = []
-    for N in Ns:
-        for T in (128, 256, 1024):
-            for dp in (768, 1024, 2048, 4096):
-                try:
-                    r = split_case(N, T, dp)
-                    print(f"split N={N:2d} T={T:4d} d=p={dp:4d}  gemm {r['gemm_ms']:.4f} ms  split "
-                          f"{r['split_ms']:.4f} ms  ratio {r['ratio']:.3f}  err W {r['err_W']:.1e} "
-                          f"dots {r['err_dots']:.1e}  {r['config']}", flush=True)
-                except Exception as e:  # report and keep going
-                    traceback.print_exc()
-                    r = {"N": N, "T": T, "d": dp, "p": dp, "note": f"error: {type(e).__name__}: {e}"[:300]}
-                    torch.cuda.empty_cache()
-                results.append(r)
-                _write_split(args.out, meta, results)
+    for N, T, dp, K in cases:
+        try:
+            r = split_case(N, T, dp, K)
+            print(f"split N={N:2d} T={T:4d} d=p={dp:4d} K={K}  gemm {r['gemm_ms']:.4f} ms  split "
+                  f"{r['split_ms']:.4f} ms  ratio {r['ratio']:.3f}  err W {r['err_W']:.1e} "
+                  f"dots {r['err_dots']:.1e}  {r['config']}", flush=True)
+        except Exception as e:  # report and keep going
+            traceback.print_exc()
+            r = {"N": N, "T": T, "d": dp, "p": dp, "K": K, "note": f"error: {type(e).__name__}: {e}"[:300]}
+            torch.cuda.empty_cache()
+        results.append(r)
+        _write_split(args.out, meta, results)
     print("\n".join(_write_split(args.out, meta, results)))
 
 
