@@ -81,18 +81,13 @@ def _fingerprint(params: list[nn.Parameter]) -> Tensor:
     runs every step, and small models feel every op."""
     grads = [None if p.grad is None else local_shard(p.grad.detach()) for p in params]
     live = [k for k, g in enumerate(grads) if g is not None]
-    devices = {grads[k].device for k in live}
-    if not live or len(devices) > 1:   # (gradients on several devices: one row at a time, on CPU)
-        return torch.stack([torch.zeros(2, dtype=torch.float64) if g is None else torch.stack(
-            [g.sum(dtype=torch.float64), torch.linalg.vector_norm(g, dtype=torch.float64) ** 2]).cpu()
-            for g in grads]) if grads else torch.zeros(0, 2, dtype=torch.float64)
-    gs = [grads[k] for k in live]
-    rows = torch.stack([torch.stack([g.sum(dtype=torch.float64) for g in gs]),
-                        torch.stack(torch._foreach_norm(gs, 2, dtype=torch.float64)).square()], 1)
-    if len(live) == len(grads):
-        return rows
-    out = rows.new_zeros(len(grads), 2)
-    out[torch.tensor(live, device=rows.device)] = rows
+    out = torch.zeros(len(grads), 2, dtype=torch.float64,
+                      device=grads[live[0]].device if live else torch.device("cpu"))
+    if live:
+        gs = [grads[k] for k in live]
+        sums = [g.sum(dtype=torch.float64).to(out.device) for g in gs]
+        sq = [n.to(out.device) for n in torch._foreach_norm(gs, 2, dtype=torch.float64)]
+        out[live] = torch.stack([torch.stack(sums), torch.stack(sq).square()], 1)
     return out
 
 

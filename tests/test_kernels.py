@@ -19,7 +19,7 @@ import torch
 import inrun_kernels.ops as ops
 from inrun_kernels.ops import reference as ref
 
-from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu  # noqa: E402,F401  (skips without triton)
+from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu, poison_outputs  # noqa: E402,F401  (skips without triton)
 from inrun_kernels.kernels import ghost_dot, ghost_gram  # noqa: E402
 from inrun_kernels.ops import custom  # noqa: E402,F401
 
@@ -62,10 +62,7 @@ def _kernels_ran(request, triton_launches, monkeypatch):
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    """Kernel outputs start as NaN: unwritten entries fail the comparison."""
-    def nan_empty(shape, device, dtype=torch.float32):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(C, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 def _lengths(n: int, t: int) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import inrun_kernels.ops as ops
 from inrun_kernels.ops import split as sp
 
-from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu  # noqa: E402,F401  (skips without triton)
+from tests.triton_setup import C, DEVICE, INTERPRET, needs_gpu, poison_outputs  # noqa: E402,F401  (skips without triton)
 from inrun_kernels.kernels import ghost_split as gs  # noqa: E402
 from tests.test_split import oracle  # noqa: E402  (explicit float64 per-sample gradients)
 
@@ -52,9 +52,7 @@ def _kernel_ran(request, triton_launches):
 
 @pytest.fixture(autouse=True)
 def _poison(monkeypatch):
-    def nan_empty(shape, device, dtype=torch.float32):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-    monkeypatch.setattr(C, "empty", nan_empty)
+    poison_outputs(monkeypatch)
 
 
 # ---- inputs, oracle, checks -----------------------------------------------------------------
